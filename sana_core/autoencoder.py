@@ -1,0 +1,2 @@
+def load_autoencoder(path, *, dtype=None, device=None, **hints):
+    raise NotImplementedError
