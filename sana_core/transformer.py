@@ -1,2 +1,593 @@
-def load_transformer(path, *, dtype=None, device=None, **hints):
-    raise NotImplementedError
+"""SANA's Linear DiT: every published variant, loaded from every published file layout.
+
+Parameter names are those of the original NVlabs code (`blocks.0.attn.qkv.weight`, ...);
+diffusers files are renamed (and their q/k/v, k/v tensors fused) while loading.
+
+    model = load_transformer("Sana_1600M_1024px_BF16.pth")
+    v = model(x, t * 1000, context, context_mask)  # velocity, flow matching
+"""
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import LINEAR_ATTENTION_EPS, adaln, depthwise_conv_glu, linear_attention
+from .checkpoints import (CheckpointError, default_device, default_dtype, describe, guess_component,
+                          load_weights, read_checkpoint, strip_prefix)
+
+log = logging.getLogger(__name__)
+
+SELF_HEAD_DIM = 32
+TIMESTEP_FREQ_DIM = 256
+SPRINT_TIMESTEP_SCALE = 1000.0  # official `timestep_norm_scale_factor`: Sprint's embedder saw t in [0, 1]
+GUIDANCE_EMBED_SCALE = 0.1  # official `cfg_embed_scale`, diffusers `guidance_embeds_scale`
+CROSS_HEADS = {1152: 16, 2240: 20}  # width -> cross-attention heads of the published models
+PE_BY_RESOLUTION = {2048: (1.0, 64), 4096: (2.0, 128)}  # image side -> (pe_interpolation, base_size)
+SIZES = {(28, 1152): "0.6b", (20, 2240): "1.6b", (60, 2240): "4.8b"}  # (depth, width) -> name
+
+
+@dataclass
+class SanaConfig:
+    depth: int = 20
+    width: int = 2240
+    caption_dim: int = 2304  # Gemma-2-2B hidden size
+    self_heads: int = 70  # linear attention, head dim 32
+    cross_heads: int = 20
+    mlp_hidden: int = 5600  # Mix-FFN hidden width (2.5 x width)
+    qk_norm: bool = False  # Sana 1.5 and Sprint: RMSNorm over all heads of q and k
+    sprint: bool = False  # guidance embedder (`cfg_embedder`) present
+    pe_interpolation: float | None = None  # 2-D sin-cos position embedding (2K: 1.0, 4K: 2.0)
+    base_size: int | None = None  # latent side the position embedding was trained at
+    in_channels: int = 32
+    out_channels: int = 32
+
+    @property
+    def variant(self) -> str:
+        size = SIZES.get((self.depth, self.width))
+        if size is None:
+            return f"custom-{self.depth}x{self.width}"
+        family = "sana-sprint" if self.sprint else "sana-1.5" if self.qk_norm else "sana"
+        pe = "" if self.pe_interpolation is None else {64: "-2k", 128: "-4k"}.get(self.base_size, f"-pe{self.base_size}")
+        return f"{family}-{size}{pe}"
+
+
+# The published models (parameter counts as diffusers builds them).
+CONFIGS = {
+    "sana-0.6b": SanaConfig(depth=28, width=1152, self_heads=36, cross_heads=16, mlp_hidden=2880),
+    "sana-1.6b": SanaConfig(),
+    "sana-1.6b-2k": SanaConfig(pe_interpolation=1.0, base_size=64),
+    "sana-1.6b-4k": SanaConfig(pe_interpolation=2.0, base_size=128),
+    "sana-1.5-1.6b": SanaConfig(qk_norm=True),
+    "sana-1.5-4.8b": SanaConfig(depth=60, qk_norm=True),
+    "sana-sprint-0.6b": SanaConfig(depth=28, width=1152, self_heads=36, cross_heads=16, mlp_hidden=2880,
+                                   qk_norm=True, sprint=True),
+    "sana-sprint-1.6b": SanaConfig(qk_norm=True, sprint=True),
+}
+
+
+# ----------------------------------------------------------------------------- layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5, *, dtype=None, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def timestep_embedding(t, dim=TIMESTEP_FREQ_DIM, max_period=10000.0):
+    """(B,) float -> (B, dim) float32 sinusoids, cos first."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoids of a scalar, then MLP 256 -> C -> C with SiLU (`t_embedder`, `cfg_embedder`)."""
+
+    def __init__(self, width, *, dtype=None, device=None):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(TIMESTEP_FREQ_DIM, width, dtype=dtype, device=device), nn.SiLU(),
+                                 nn.Linear(width, width, dtype=dtype, device=device))
+
+    def forward(self, t):  # (B,) -> (B, C)
+        return self.mlp(timestep_embedding(t).to(self.mlp[0].weight.dtype))
+
+
+class CaptionEmbedder(nn.Module):
+    """Gemma hidden states -> model width: `y_proj` MLP with tanh-GELU."""
+
+    def __init__(self, caption_dim, width, *, dtype=None, device=None):
+        super().__init__()
+        self.y_proj = nn.Module()
+        self.y_proj.fc1 = nn.Linear(caption_dim, width, dtype=dtype, device=device)
+        self.y_proj.fc2 = nn.Linear(width, width, dtype=dtype, device=device)
+
+    def forward(self, y):  # (B, T, Cc) -> (B, T, C)
+        return self.y_proj.fc2(F.gelu(self.y_proj.fc1(y), approximate="tanh"))
+
+
+def sincos_pos_embed(width, h, w, pe_interpolation, base_size) -> torch.Tensor:
+    """(h * w, width) float32 2-D sin-cos embedding of the h x w grid, as the official code and
+    diffusers' PatchEmbed compute it: coordinates scaled to the trained grid (`base_size`) and
+    divided by `pe_interpolation`; the first half of the channels encodes the column."""
+    grid_h = torch.arange(h, dtype=torch.float32) / (h / base_size) / pe_interpolation
+    grid_w = torch.arange(w, dtype=torch.float32) / (w / base_size) / pe_interpolation
+    col, row = torch.meshgrid(grid_w, grid_h, indexing="xy")  # (h, w) each
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width / 4))  # (C/4,)
+
+    def sincos(pos):  # (h, w) -> (h * w, C/2)
+        out = pos.reshape(-1).double()[:, None] * omega[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    return torch.cat([sincos(col), sincos(row)], dim=1).float()
+
+
+class LinearAttention(nn.Module):
+    """Self-attention of a block (`attn`): fused bias-free qkv, ReLU linear attention, proj."""
+
+    def __init__(self, width, heads, qk_norm, *, dtype=None, device=None):
+        super().__init__()
+        self.head_dim = width // heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False, dtype=dtype, device=device)
+        self.proj = nn.Linear(width, width, dtype=dtype, device=device)
+        self.q_norm = RMSNorm(width, dtype=dtype, device=device) if qk_norm else None
+        self.k_norm = RMSNorm(width, dtype=dtype, device=device) if qk_norm else None
+
+    def forward(self, x, perturbed=None):  # (B, N, C)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, N, C) each
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = linear_attention(q, k, v, LINEAR_ATTENTION_EPS, head_dim=self.head_dim)  # (B, N, C)
+        if perturbed is not None:  # PAG: identity attention (output = V) for the marked samples
+            out = torch.where(perturbed[:, None, None], v, out)
+        out = self.proj(out)
+        return out.clamp(-65504, 65504) if out.dtype == torch.float16 else out
+
+
+class CrossAttention(nn.Module):
+    """Image tokens attend to the caption (`cross_attn`): softmax attention, padding masked."""
+
+    def __init__(self, width, heads, qk_norm, *, dtype=None, device=None):
+        super().__init__()
+        self.heads = heads
+        self.q_linear = nn.Linear(width, width, dtype=dtype, device=device)
+        self.kv_linear = nn.Linear(width, 2 * width, dtype=dtype, device=device)
+        self.proj = nn.Linear(width, width, dtype=dtype, device=device)
+        self.q_norm = RMSNorm(width, dtype=dtype, device=device) if qk_norm else None
+        self.k_norm = RMSNorm(width, dtype=dtype, device=device) if qk_norm else None
+
+    def forward(self, x, y, keep=None):  # x (B, N, C), y (B, T, C), keep (B, 1, 1, T) bool or None
+        q = self.q_linear(x)
+        k, v = self.kv_linear(y).chunk(2, dim=-1)  # (B, T, C) each
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, *, d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, heads, N, d)
+        return self.proj(out.transpose(1, 2).flatten(2))  # (B, N, C)
+
+
+class ConvLayer(nn.Module):
+    """Holds a conv under the original name (`mlp.inverted_conv.conv.weight`, ...)."""
+
+    def __init__(self, c_in, c_out, kernel, *, groups=1, bias=True, dtype=None, device=None):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, groups=groups, bias=bias,
+                              dtype=dtype, device=device)
+
+
+class MixFFN(nn.Module):
+    """GLUMBConv: 1x1 conv C -> 2H + SiLU, 3x3 depthwise conv, value * SiLU(gate), 1x1 conv H -> C.
+    The 1x1 convs run as matmuls on the (B, N, C) tokens."""
+
+    def __init__(self, width, hidden, *, dtype=None, device=None):
+        super().__init__()
+        self.inverted_conv = ConvLayer(width, 2 * hidden, 1, dtype=dtype, device=device)
+        self.depth_conv = ConvLayer(2 * hidden, 2 * hidden, 3, groups=2 * hidden, dtype=dtype, device=device)
+        self.point_conv = ConvLayer(hidden, width, 1, bias=False, dtype=dtype, device=device)
+
+    def forward(self, x, h, w):  # (B, N, C)
+        inv, depth = self.inverted_conv.conv, self.depth_conv.conv
+        x = F.silu(F.linear(x, inv.weight.flatten(1), inv.bias))  # (B, N, 2H)
+        x = depthwise_conv_glu(x, depth.weight, depth.bias, h, w)  # (B, N, H)
+        return F.linear(x, self.point_conv.conv.weight.flatten(1))  # (B, N, C)
+
+
+class Block(nn.Module):
+    """adaLN-single block: modulated linear self-attention, cross-attention, modulated Mix-FFN."""
+
+    def __init__(self, cfg: SanaConfig, *, dtype=None, device=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.scale_shift_table = nn.Parameter(torch.zeros(6, cfg.width, **kw))
+        self.attn = LinearAttention(cfg.width, cfg.self_heads, cfg.qk_norm, **kw)
+        self.cross_attn = CrossAttention(cfg.width, cfg.cross_heads, cfg.qk_norm, **kw)
+        self.mlp = MixFFN(cfg.width, cfg.mlp_hidden, **kw)
+
+    def forward(self, x, y, keep, t0, h, w, perturbed=None):  # x (B, N, C), t0 (B, 6C)
+        B, N, C = x.shape
+        mod = self.scale_shift_table[None] + t0.reshape(B, 6, C)  # (B, 6, C)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # (B, 1, C) each
+        x = x + gate_msa * self.attn(adaln(x, shift_msa, scale_msa), perturbed)
+        x = x + self.cross_attn(x, y, keep)
+        x = x + gate_mlp * self.mlp(adaln(x, shift_mlp, scale_mlp), h, w)
+        return x.clamp(-65504, 65504) if x.dtype == torch.float16 else x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width, out_channels, *, dtype=None, device=None):
+        super().__init__()
+        self.scale_shift_table = nn.Parameter(torch.zeros(2, width, dtype=dtype, device=device))
+        self.linear = nn.Linear(width, out_channels, dtype=dtype, device=device)
+
+    def forward(self, x, t):  # x (B, N, C), t (B, C): the timestep embedding before t_block
+        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # (B, 1, C) each
+        return self.linear(adaln(x, shift, scale))  # (B, N, out)
+
+
+class SanaTransformer(nn.Module):
+    def __init__(self, config: SanaConfig, *, dtype=None, device=None):
+        super().__init__()
+        cfg, kw = config, dict(dtype=dtype, device=device)
+        self.config = cfg
+        self.x_embedder = nn.Module()
+        self.x_embedder.proj = nn.Conv2d(cfg.in_channels, cfg.width, 1, **kw)
+        self.t_embedder = TimestepEmbedder(cfg.width, **kw)
+        self.cfg_embedder = TimestepEmbedder(cfg.width, **kw) if cfg.sprint else None
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width, **kw))
+        self.y_embedder = CaptionEmbedder(cfg.caption_dim, cfg.width, **kw)
+        self.attention_y_norm = RMSNorm(cfg.width, **kw)
+        self.blocks = nn.ModuleList([Block(cfg, **kw) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(cfg.width, cfg.out_channels, **kw)
+        self._pos_embed = None  # (h, w, device, dtype, tensor): a cache, not a buffer (meta-built models)
+
+    @property
+    def dtype(self):
+        return self.x_embedder.proj.weight.dtype
+
+    @property
+    def device(self):
+        return self.x_embedder.proj.weight.device
+
+    def pos_embed(self, h, w, device, dtype):  # (1, h * w, C)
+        key = (h, w, device, dtype)
+        if self._pos_embed is None or self._pos_embed[:4] != key:
+            cfg = self.config
+            pe = sincos_pos_embed(cfg.width, h, w, cfg.pe_interpolation, cfg.base_size)
+            self._pos_embed = key + (pe[None].to(device=device, dtype=dtype),)
+        return self._pos_embed[4]
+
+    def forward(self, x, timestep, context, context_mask=None, guidance=None, *, perturbed=None,
+                perturbed_layers=()):
+        """x (B, 32, h, w) latent; timestep (B,) flow time t in [0, 1] times 1000; context (B, T, 2304)
+        Gemma hidden states; context_mask (B, T) 1 real / 0 padding; guidance (B,) raw guidance
+        scale, Sprint models only; perturbed (B,) bool: samples whose self-attention is the
+        identity on V in the blocks `perturbed_layers` (PAG). Returns the velocity, x's dtype."""
+        cfg = self.config
+        timestep = torch.as_tensor(timestep, device=x.device)
+        guidance = None if guidance is None else torch.as_tensor(guidance, device=x.device)
+        B, h, w = self._check_inputs(x, timestep, context, context_mask, guidance, perturbed, perturbed_layers)
+        dtype, out_dtype = self.dtype, x.dtype
+        timestep = timestep.reshape(-1).expand(B)
+
+        tokens = self.x_embedder.proj(x.to(dtype)).flatten(2).transpose(1, 2)  # (B, N, C)
+        if cfg.pe_interpolation is not None:
+            tokens = (tokens.float() + self.pos_embed(h, w, tokens.device, torch.float32)).to(dtype)
+        if cfg.sprint:
+            t = self.t_embedder(timestep / SPRINT_TIMESTEP_SCALE)  # (B, C)
+            t = t + self.cfg_embedder(guidance.reshape(-1).expand(B) * GUIDANCE_EMBED_SCALE)
+        else:
+            t = self.t_embedder(timestep)  # (B, C)
+        t0 = self.t_block(t)  # (B, 6C)
+
+        y = self.attention_y_norm(self.y_embedder(context.to(dtype)))  # (B, T, C)
+        keep = None
+        if context_mask is not None:
+            keep = context_mask.bool()
+            keep = keep | ~keep.any(dim=1, keepdim=True)  # an all-padding caption attends to everything (no NaN)
+            keep = keep[:, None, None, :]  # (B, 1, 1, T)
+
+        perturbed_layers = set(perturbed_layers) if perturbed is not None else ()
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, y, keep, t0, h, w, perturbed if i in perturbed_layers else None)
+
+        out = self.final_layer(tokens, t)  # (B, N, 32)
+        return out.transpose(1, 2).unflatten(2, (h, w)).to(out_dtype)  # (B, 32, h, w)
+
+    def _check_inputs(self, x, timestep, context, context_mask, guidance, perturbed, perturbed_layers):
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"latent has shape {list(x.shape)}; this model expects [B, {cfg.in_channels}, h, w] "
+                             f"(a DC-AE f32c32 latent, 1/32 of the image size)")
+        B, _, h, w = x.shape
+        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.caption_dim:
+            raise ValueError(f"context has shape {list(context.shape)}; this model expects [{B}, T, {cfg.caption_dim}] "
+                             f"(text-encoder hidden states of width {cfg.caption_dim}, one row per latent)")
+        if context_mask is not None and tuple(context_mask.shape) != tuple(context.shape[:2]):
+            raise ValueError(f"context_mask has shape {list(context_mask.shape)}; expected {list(context.shape[:2])}")
+        if timestep.numel() not in (1, B):
+            raise ValueError(f"timestep has {timestep.numel()} values for a batch of {B}")
+        if cfg.sprint and guidance is None:
+            raise ValueError(f"{cfg.variant} is a Sana-Sprint model: pass guidance=[B] (the guidance scale, e.g. 4.5)")
+        if not cfg.sprint and guidance is not None:
+            raise ValueError(f"{cfg.variant} has no guidance embedder; guidance is only for Sana-Sprint models "
+                             f"(use classifier-free guidance instead)")
+        if guidance is not None and guidance.numel() not in (1, B):
+            raise ValueError(f"guidance has {guidance.numel()} values for a batch of {B}")
+        if perturbed is not None:
+            if perturbed.dtype != torch.bool or tuple(perturbed.shape) != (B,):
+                raise ValueError(f"perturbed must be a bool tensor of shape [{B}], got {perturbed.dtype} "
+                                 f"{list(perturbed.shape)}")
+            bad = [i for i in perturbed_layers if not 0 <= i < cfg.depth]
+            if bad:
+                raise ValueError(f"perturbed_layers {bad} out of range: the model has blocks 0..{cfg.depth - 1}")
+        return B, h, w
+
+
+# ----------------------------------------------------------------------------- loading
+
+IGNORED_KEYS = ("pos_embed", "patch_embed.pos_embed", "y_embedder.y_embedding")  # stale buffer, training-time null caption
+IGNORED_PREFIXES = ("logvar_linear.",)  # Sprint's training-only head
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")  # ComfyUI single files
+
+# diffusers name prefix -> original name prefix (the suffix `weight`/`bias` is kept)
+DIFFUSERS_NAMES = {
+    "patch_embed.proj.": "x_embedder.proj.",
+    "patch_embed.pos_embed": "pos_embed",
+    "time_embed.emb.timestep_embedder.linear_1.": "t_embedder.mlp.0.",
+    "time_embed.emb.timestep_embedder.linear_2.": "t_embedder.mlp.2.",
+    "time_embed.timestep_embedder.linear_1.": "t_embedder.mlp.0.",  # Sprint
+    "time_embed.timestep_embedder.linear_2.": "t_embedder.mlp.2.",
+    "time_embed.guidance_embedder.linear_1.": "cfg_embedder.mlp.0.",
+    "time_embed.guidance_embedder.linear_2.": "cfg_embedder.mlp.2.",
+    "time_embed.linear.": "t_block.1.",
+    "caption_projection.linear_1.": "y_embedder.y_proj.fc1.",
+    "caption_projection.linear_2.": "y_embedder.y_proj.fc2.",
+    "caption_norm.": "attention_y_norm.",
+    "scale_shift_table": "final_layer.scale_shift_table",
+    "proj_out.": "final_layer.linear.",
+}
+DIFFUSERS_BLOCK_NAMES = {  # inside transformer_blocks.{i}. -> inside blocks.{i}.
+    "scale_shift_table": "scale_shift_table",
+    "attn1.to_out.0.": "attn.proj.",
+    "attn1.norm_q.": "attn.q_norm.",
+    "attn1.norm_k.": "attn.k_norm.",
+    "attn2.to_q.": "cross_attn.q_linear.",
+    "attn2.to_out.0.": "cross_attn.proj.",
+    "attn2.norm_q.": "cross_attn.q_norm.",
+    "attn2.norm_k.": "cross_attn.k_norm.",
+    "ff.conv_inverted.": "mlp.inverted_conv.conv.",
+    "ff.conv_depth.": "mlp.depth_conv.conv.",
+    "ff.conv_point.": "mlp.point_conv.conv.",
+}
+DIFFUSERS_FUSED = {  # original tensor = concatenation (dim 0) of these diffusers tensors, in order
+    "attn.qkv.": ("attn1.to_q.", "attn1.to_k.", "attn1.to_v."),
+    "cross_attn.kv_linear.": ("attn2.to_k.", "attn2.to_v."),
+}
+
+# keys of metadata / diffusers config.json -> SanaConfig field
+CONFIG_KEYS = {
+    "cross_heads": "cross_heads", "num_cross_attention_heads": "cross_heads",
+    "self_heads": "self_heads", "num_attention_heads": "self_heads",
+    "pe_interpolation": "pe_interpolation", "interpolation_scale": "pe_interpolation",
+    "base_size": "base_size", "sample_size": "base_size",
+}
+HINTS = ("cross_heads", "self_heads", "pe_interpolation", "base_size", "resolution")
+
+
+class FusedTensors(Mapping):
+    """Original-named view of diffusers tensors; q/k/v and k/v are concatenated when read, one
+    tensor at a time, so loading never holds a second copy of the model."""
+
+    def __init__(self, tensors: dict, sources: dict):
+        self.tensors, self.sources = tensors, sources  # original name -> tuple of diffusers names
+
+    def __getitem__(self, name):
+        parts = [self.tensors[s] for s in self.sources[name]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def __iter__(self):
+        return iter(self.sources)
+
+    def __len__(self):
+        return len(self.sources)
+
+
+def _rename(name, names: dict) -> str:
+    for old, new in names.items():
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def diffusers_to_original(tensors: dict) -> FusedTensors:
+    """Rename diffusers `SanaTransformer2DModel` tensors to the original NVlabs names. Names
+    with no mapping are kept as they are (the loader then reports them as unexpected)."""
+    sources = {}
+    for key in tensors:
+        m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", key)
+        if m is None:
+            sources[_rename(key, DIFFUSERS_NAMES)] = (key,)
+            continue
+        diffusers_block, block, rest = f"transformer_blocks.{m[1]}.", f"blocks.{m[1]}.", m[2]
+        for new, parts in DIFFUSERS_FUSED.items():
+            if rest.startswith(parts[0]):  # the first part names the fused tensor
+                suffix = rest[len(parts[0]):]
+                sources[block + new + suffix] = tuple(diffusers_block + p + suffix for p in parts)
+                break
+        else:
+            if not any(rest.startswith(p) for parts in DIFFUSERS_FUSED.values() for p in parts[1:]):
+                sources[block + _rename(rest, DIFFUSERS_BLOCK_NAMES)] = (key,)
+    missing = sorted(s for parts in sources.values() for s in parts if s not in tensors)
+    if missing:
+        raise CheckpointError(f"the weights lack {len(missing)} tensor(s): {', '.join(missing[:8])}")
+    return FusedTensors(tensors, sources)
+
+
+def _ignored(name: str) -> bool:
+    return name in IGNORED_KEYS or name.startswith(IGNORED_PREFIXES)
+
+
+def _parse_config(metadata: dict) -> dict:
+    """Settings found in a folder's config.json or a safetensors metadata "config" JSON."""
+    raw = metadata.get("config")
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            return {}
+    if not isinstance(raw, dict):
+        return {}
+    out = {CONFIG_KEYS[k]: v for k, v in raw.items() if k in CONFIG_KEYS}
+    if out.get("pe_interpolation") is None:
+        out.pop("base_size", None)  # diffusers' sample_size matters only with a position embedding
+    return out
+
+
+def _pe_from_resolution(side) -> dict:
+    pe, base = PE_BY_RESOLUTION.get(int(side), (None, None))
+    return {"pe_interpolation": pe, "base_size": base}
+
+
+def _pe_from_names(names) -> dict:
+    """From a file or folder name: '2K', '2Kpx', '2048' -> the 2K setting; '4K', '4096' -> 4K."""
+    for name in names:
+        m = re.search(r"(?<![0-9])(2048|4096)(?![0-9])|(?<![0-9a-z])([24])k(?:px)?(?![0-9a-z])", name.lower())
+        if m:
+            return _pe_from_resolution(int(m[1]) if m[1] else {"2": 2048, "4": 4096}[m[2]])
+    return {}
+
+
+def _pe_from_stale(stale) -> dict:
+    """From the stale `pos_embed` buffer of an original file: its length is the trained grid
+    (64 x 64 in 2K files, 128 x 128 in 4K files; 32 x 32 in 1024 px files, which use none)."""
+    if stale is None or stale.ndim != 3 or math.isqrt(stale.shape[1]) ** 2 != stale.shape[1]:
+        return {}
+    side = 32 * math.isqrt(stale.shape[1])
+    return _pe_from_resolution(side) if side in PE_BY_RESOLUTION else {}
+
+
+def _settings(hints: dict, metadata: dict, names, stale) -> dict:
+    """Heads and position-embedding setting, first found wins: hints, metadata / config.json,
+    the file name, the stale pos_embed. A source that names pe_interpolation (None included)
+    decides it together with base_size."""
+    unknown = sorted(set(hints) - set(HINTS))
+    if unknown:
+        raise TypeError(f"unknown transformer hint(s) {', '.join(unknown)}; accepted: {', '.join(HINTS)}")
+    # None means "not given", except for pe_interpolation, where it means "no position embedding"
+    settings = {k: v for k, v in hints.items() if k != "resolution" and (v is not None or k == "pe_interpolation")}
+    if hints.get("resolution") is not None and "pe_interpolation" not in settings:
+        settings.update(_pe_from_resolution(hints["resolution"]))
+    for source in (_parse_config(metadata), _pe_from_names(names), _pe_from_stale(stale)):
+        if "pe_interpolation" in settings:
+            source = {k: v for k, v in source.items() if k not in ("pe_interpolation", "base_size")}
+        settings = {**source, **settings}
+    return settings
+
+
+def detect_config(tensors, settings: dict) -> SanaConfig:
+    """The model's structure from its (original-named) tensors; heads and position embedding
+    from `settings` where the tensors cannot tell."""
+    for key in ("x_embedder.proj.weight", "blocks.0.attn.qkv.weight", "y_embedder.y_proj.fc1.weight",
+                "blocks.0.mlp.point_conv.conv.weight", "final_layer.linear.weight"):
+        if key not in tensors:
+            raise CheckpointError(f"no {key}: this is not a SANA transformer ({describe(tensors)})")
+    width, in_channels, p, _ = tensors["x_embedder.proj.weight"].shape
+    if p != 1:
+        raise CheckpointError(f"patch size {p} is not supported: SANA models use patch size 1")
+    self_heads = settings.get("self_heads") or width // SELF_HEAD_DIM
+    cross_heads = settings.get("cross_heads") or CROSS_HEADS.get(width)
+    if cross_heads is None:
+        raise CheckpointError(f"cannot tell the cross-attention heads of a width-{width} model (published "
+                              f"widths: {', '.join(map(str, CROSS_HEADS))}): pass cross_heads=N, or store it in "
+                              f"a config.json / safetensors metadata 'config' as num_cross_attention_heads")
+    if width % self_heads or width % cross_heads:
+        raise CheckpointError(f"width {width} is not divisible by the heads ({self_heads} self, {cross_heads} cross)")
+    pe, base = settings.get("pe_interpolation"), settings.get("base_size")
+    if pe is not None and base is None:
+        raise CheckpointError(f"pe_interpolation={pe} needs base_size= (the latent side the model was trained "
+                              f"at: 64 for 2K models, 128 for 4K) or resolution=2048/4096")
+    return SanaConfig(
+        depth=1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("blocks.")),
+        width=width, caption_dim=tensors["y_embedder.y_proj.fc1.weight"].shape[1],
+        self_heads=self_heads, cross_heads=cross_heads,
+        mlp_hidden=tensors["blocks.0.mlp.point_conv.conv.weight"].shape[1],
+        qk_norm="blocks.0.attn.q_norm.weight" in tensors, sprint="cfg_embedder.mlp.0.weight" in tensors,
+        pe_interpolation=None if pe is None else float(pe), base_size=None if pe is None else int(base),
+        in_channels=in_channels, out_channels=tensors["final_layer.linear.weight"].shape[0],
+    )
+
+
+def load_transformer(path, *, dtype=None, device=None, **hints) -> SanaTransformer:
+    """Load a SANA DiT from an original NVlabs .pth/.safetensors (ComfyUI prefixes too), a
+    diffusers folder (or pipeline folder) or a diffusers-keyed .safetensors; the format is
+    told by the key names. The structure comes from the tensors. Hints, for what they cannot
+    tell: `pe_interpolation` and `base_size`, or `resolution` (2048/4096), for the 2K/4K position
+    embedding (else read from metadata, config.json, the file name or the stale pos_embed),
+    `cross_heads`, `self_heads` (needed only for non-published widths)."""
+    path = Path(path)
+    if path.is_dir() and (path / "transformer").is_dir() and not any(path.glob("*.safetensors")):
+        path = path / "transformer"  # a diffusers pipeline folder
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    tensors, metadata = read_checkpoint(path, weight_names=("diffusion_pytorch_model", "model"))
+    tensors = strip_prefix(tensors, PREFIXES)
+    kind = guess_component(tensors)
+    if kind != "transformer":
+        loader = {"autoencoder": "load_autoencoder", "text_encoder": "load_text_encoder"}.get(kind)
+        raise CheckpointError(f"{path.name} is not a SANA transformer: it holds {describe(tensors)}"
+                              + (f"; load it with {loader} (the VAE / text-encoder loader)" if loader else ""))
+    stale = tensors.get("pos_embed")
+    tensors = {k: v for k, v in tensors.items() if not _ignored(k)}
+    try:
+        if any(k.startswith(("transformer_blocks.", "patch_embed.")) for k in tensors):
+            tensors = diffusers_to_original(tensors)
+        names = [path.name] + ([path.parent.name] if path.is_dir() else [])
+        config = detect_config(tensors, _settings(hints, metadata, names, stale))
+    except CheckpointError as e:
+        raise CheckpointError(f"{path.name}: {e}") from None
+    log.info("%s: %s (pe_interpolation=%s, base_size=%s)", path.name, config.variant,
+             config.pe_interpolation, config.base_size)
+
+    with torch.device("meta"):
+        model = SanaTransformer(config, dtype=dtype)
+    try:
+        return load_weights(model, tensors, device=device, dtype=dtype)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path.name} (detected {config.variant}): {e}") from None
+
+
+def random_state_dict(config: SanaConfig, *, seed=0, dtype=torch.float32) -> dict:
+    """Random weights with the original names, every tensor non-zero (gates, final layer
+    included), scaled so that activations stay O(1): for tests, demos and benchmarks."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in SanaTransformer(config).state_dict().items()}
+    out = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            t = 1 + 0.1 * torch.randn(shape, generator=g)
+        elif name.endswith("scale_shift_table"):
+            t = torch.randn(shape, generator=g) / shape[-1] ** 0.5
+        elif name.endswith("bias") or len(shape) == 1:
+            t = 0.1 * torch.randn(shape, generator=g)
+        else:
+            t = torch.randn(shape, generator=g) / math.prod(shape[1:]) ** 0.5
+        out[name] = t.to(dtype)
+    return out
+
+
+def config_metadata(config: SanaConfig) -> dict:
+    """safetensors metadata that lets load_transformer read a config the tensors cannot tell."""
+    return {"config": json.dumps(asdict(config))}
