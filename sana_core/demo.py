@@ -8,7 +8,17 @@ DEMO_CAPTION_DIM = 64  # hidden size of the tiny Gemma-2, and so the DiT's capti
 
 def write_demo_transformer(path: Path, *, sprint: bool = False, seed: int = 0) -> Path:
     """A tiny SANA DiT (original NVlabs key names) as .safetensors at `path`."""
-    raise NotImplementedError  # owner: the DiT work
+    from safetensors.torch import save_file
+
+    from .transformer import SanaConfig, config_metadata, random_state_dict
+
+    # 2 blocks of width 64: 2 self-attention heads of 32, 2 cross-attention heads of 32;
+    # the Sprint demo has the guidance embedder and q/k norm, as Sana-Sprint does.
+    config = SanaConfig(depth=2, width=64, caption_dim=DEMO_CAPTION_DIM, self_heads=2, cross_heads=2,
+                        mlp_hidden=160, qk_norm=sprint, sprint=sprint)
+    path = Path(path)
+    save_file(random_state_dict(config, seed=seed), str(path), metadata=config_metadata(config))
+    return path
 
 
 def write_demo_autoencoder(path: Path, *, seed: int = 0) -> Path:
@@ -18,7 +28,49 @@ def write_demo_autoencoder(path: Path, *, seed: int = 0) -> Path:
 
 def write_demo_text_encoder(path: Path, *, seed: int = 0) -> Path:
     """A tiny Gemma-2 as a ComfyUI-style single .safetensors with `spiece_model` inside."""
-    raise NotImplementedError  # owner: the text-encoder work
+    import io
+    import json
+
+    import sentencepiece
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Gemma2Config, Gemma2Model
+
+    from .text_encoder import INSTRUCTIONS
+
+    # A Gemma-style SentencePiece BPE model (<pad>=0 <eos>=1 <bos>=2 <unk>=3 <mask>=4, byte
+    # fallback) trained on the instruction text and a few captions; deterministic.
+    corpus = [line for lines in INSTRUCTIONS.values() for line in lines] + [
+        "a cat sleeping on a warm windowsill", "a busy city street at dusk with glowing lamps",
+        "a painting of a squirrel eating a burger", "a mountain lake at sunrise, mist over the water",
+        "a red fox in a snowy forest", "portrait of an old sailor, dramatic light, oil painting",
+        "a bowl of ramen, steam, close-up photo", "a futuristic city with flying cars and neon signs",
+        "a cyberpunk cat with a neon sign that says Sana", "watercolor of a lighthouse on a rocky coast",
+    ]
+    spiece = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=spiece, model_type="bpe", vocab_size=640,
+        hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True, split_digits=True,
+        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+        unk_piece="<unk>", user_defined_symbols=["<mask>"], num_threads=1, minloglevel=2)
+    vocab = sentencepiece.SentencePieceProcessor(model_proto=spiece.getvalue()).get_piece_size()
+
+    config = dict(model_type="gemma2", vocab_size=vocab, hidden_size=DEMO_CAPTION_DIM, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  query_pre_attn_scalar=16, sliding_window=4096, attn_logit_softcapping=50.0,
+                  final_logit_softcapping=30.0, rms_norm_eps=1e-6, rope_theta=10000.0)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Gemma2Model(Gemma2Config.from_dict(config)).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in sorted(shapes.items()):  # Gemma2ForCausalLM names, no lm_head (tied)
+        std = 1.0 if name == "embed_tokens.weight" else 0.1 if "norm" in name else 0.02  # norms scale by 1 + w
+        tensors["model." + name] = torch.randn(shape, generator=g) * std
+    tensors["spiece_model"] = torch.frombuffer(bytearray(spiece.getvalue()), dtype=torch.uint8)
+    path = Path(path)
+    save_file(tensors, str(path), metadata={"config": json.dumps(config)})
+    return path
 
 
 def write_demo_models(folder: Path) -> dict:

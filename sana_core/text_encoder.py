@@ -1,2 +1,271 @@
-def load_text_encoder(path, *, dtype=None, device=None, **hints):
-    raise NotImplementedError
+"""Gemma-2 text encoding for SANA: the complex human instruction (CHI) recipe, loaded offline.
+
+The caption is the last hidden state of Gemma-2 (after its final RMSNorm), computed by
+transformers' own `Gemma2Model` with eager attention (Gemma-2's logit soft-capping has no
+SDPA path; diffusers runs it eagerly too). The recipe, as in diffusers' `SanaPipeline` and
+the official NVlabs/Sana code:
+
+    text      = "\\n".join(CHI lines) + prompt            # the prompt stripped, optionally lowercased
+    max_len   = len(tokens(CHI text, with <bos>)) + 300 - 2
+    tokens    = tokenizer(text, padding="max_length", max_length=max_len, truncation=True)  # right padding
+    embedding = gemma(tokens).last_hidden_state[:, [0] + range(-299, 0)]   # <bos> + last 299: (B, 300, D)
+
+Without an instruction (negative prompts) the prompt alone is padded to 300 tokens.
+
+Files: a Hugging Face folder of gemma-2-2b-it (config.json, safetensors, tokenizer.json
+and/or tokenizer.model; a diffusers pipeline folder's text_encoder/ + tokenizer/ works too),
+or a ComfyUI-style single .safetensors: `Gemma2ForCausalLM` tensor names without `lm_head`
+plus the SentencePiece model as a uint8 tensor `spiece_model`.
+"""
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .checkpoints import (CheckpointError, default_device, default_dtype, describe, guess_component, load_weights,
+                          read_checkpoint)
+
+log = logging.getLogger(__name__)
+
+MAX_TOKENS = 300  # caption length the SANA DiT was trained with
+
+_CHI_BODY = (
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial "
+    "relationships to create vivid and concrete scenes.",
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping "
+    "peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street "
+    "lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass "
+    "skyscrapers.",
+    "Please generate only the enhanced description for the prompt below and avoid including any additional "
+    "commentary or evaluations:",
+    "User Prompt: ",
+)
+_CHI_FIRST = ("Given a user prompt, generate an {q}Enhanced prompt{q} that provides detailed visual descriptions "
+              "suitable for image generation. Evaluate the level of detail in the user prompt:")
+# The two CHI texts in the wild differ only in the quotes around "Enhanced prompt": the official
+# NVlabs/Sana configs (what SANA was trained and is served with) use double quotes, diffusers'
+# SanaPipeline single quotes.
+INSTRUCTIONS = {
+    "sana-official": (_CHI_FIRST.format(q='"'),) + _CHI_BODY,
+    "sana-diffusers": (_CHI_FIRST.format(q="'"),) + _CHI_BODY,
+}
+DEFAULT_INSTRUCTION = "sana-official"
+
+BASE_MODEL_NOTE = (
+    "SANA was trained with gemma-2-2b-it (the instruction-tuned Gemma-2-2B). The gemma_2_2b file of "
+    "ComfyUI's Lumina 2 is, as far as we know, the base gemma-2-2b: it loads and runs, but it conditions "
+    "differently, so images will not match the reference and may follow the prompt less well.")
+
+# google/gemma-2-2b(-it) config.json; a single file with hidden size 2304 and no config in its
+# metadata is taken to have this geometry (layer count and vocabulary are read from the tensors).
+GEMMA2_2B_CONFIG = {
+    "model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "attention_bias": False,
+    "attention_dropout": 0.0, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+    "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "vocab_size": 256000,
+    "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
+}
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+class TextEncoder:
+    """Gemma-2 plus its tokenizer; `encode` turns prompts into SANA captions."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model          # transformers Gemma2Model, eval mode, no grad
+        self.tokenizer = tokenizer  # Gemma tokenizer: <bos> added, right padding
+        self.hidden_size = model.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def to(self, device) -> "TextEncoder":
+        self.model.to(device)
+        return self
+
+    def offload(self) -> "TextEncoder":
+        """Move the weights to the CPU (frees ~5 GB of GPU memory for sampling)."""
+        return self.to("cpu")
+
+    @torch.no_grad()
+    def encode(self, prompts, *, instruction=True, lowercase=False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions of `prompts` (a string or a list): (embeddings (B, 300, D), mask (B, 300): 1 real, 0 pad).
+
+        `instruction`: True for the default CHI (`DEFAULT_INSTRUCTION`), False for none (negative
+        prompts), a name in `INSTRUCTIONS`, or any other text used as the instruction itself.
+        Prompts are stripped; `lowercase=True` also lowercases them, as diffusers does by default.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = [p.lower().strip() if lowercase else p.strip() for p in prompts]
+        chi = instruction_text(instruction)
+        if chi:
+            texts = [chi + p for p in prompts]
+            max_length = len(self.tokenizer.encode(chi)) + MAX_TOKENS - 2  # leaves 298 tokens for the prompt
+        else:
+            texts, max_length = prompts, MAX_TOKENS  # <bos> + 299
+        for i, n in enumerate(len(ids) for ids in self.tokenizer(texts).input_ids):
+            if n > max_length:
+                log.warning(f"prompt {i} is too long: its last {n - max_length} tokens were dropped "
+                            f"(at most {MAX_TOKENS - 2 if chi else MAX_TOKENS - 1} prompt tokens fit)")
+        self.tokenizer.padding_side = "right"
+        tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
+                                add_special_tokens=True, return_tensors="pt")
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)  # (B, L)
+        hidden = self.model(ids, attention_mask=mask).last_hidden_state  # (B, L, D)
+        if chi:
+            keep = [0] + list(range(max_length - MAX_TOKENS + 1, max_length))  # <bos> + last 299
+            hidden, mask = hidden[:, keep], mask[:, keep]  # (B, 300, D), (B, 300)
+        if not torch.isfinite(hidden).all():
+            raise FloatingPointError(f"Gemma-2 produced NaN/inf in {self.dtype}; Gemma-2 overflows float16: "
+                                     f"load the text encoder in bfloat16 or float32")
+        return hidden, mask
+
+
+def instruction_text(instruction) -> str:
+    """The text prepended to prompts: '' for none, a preset's lines joined by newlines, or custom text."""
+    if instruction is True:
+        instruction = DEFAULT_INSTRUCTION
+    if not instruction:  # False, None, ""
+        return ""
+    if not isinstance(instruction, str):
+        raise TypeError(f"instruction must be True, False, a preset name ({', '.join(INSTRUCTIONS)}) or text, "
+                        f"not {type(instruction).__name__}")
+    return "\n".join(INSTRUCTIONS[instruction]) if instruction in INSTRUCTIONS else instruction
+
+
+def load_text_encoder(path, *, dtype=None, device=None) -> TextEncoder:
+    """Gemma-2 and its tokenizer from a Hugging Face folder or a ComfyUI single file, offline.
+
+    Defaults: the GPU if there is one, bfloat16 there (float32 where bf16 is missing: Gemma-2
+    overflows float16), float32 on the CPU. Weights stream from the file to the device one tensor
+    at a time."""
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = default_dtype(device)
+        dtype = torch.float32 if dtype == torch.float16 else dtype
+    path = Path(path)
+    if path.is_dir() and (path / "text_encoder").is_dir():  # a diffusers pipeline folder
+        path = path / "text_encoder"
+    tensors, metadata = read_checkpoint(path)
+    spiece = tensors.pop("spiece_model", None)
+    tensors = _gemma_tensors(path, tensors)
+    config = _gemma_config(path, tensors, metadata)
+    tokenizer = _load_tokenizer(path, spiece)
+    if len(tokenizer) > config.vocab_size:
+        raise CheckpointError(f"{path.name}: the tokenizer has {len(tokenizer)} tokens but the model only "
+                              f"{config.vocab_size} embeddings: tokenizer and weights do not belong together")
+    return TextEncoder(_build_model(config, tensors, device=device, dtype=dtype), tokenizer)
+
+
+def _gemma_tensors(path: Path, tensors: dict) -> dict:
+    """The Gemma2Model state dict: `model.` prefix and the (tied) `lm_head` removed."""
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("lm_head.")}
+    if guess_component(tensors) != "text_encoder":
+        raise CheckpointError(f"{path.name} is not a Gemma-2 text encoder: it holds {describe(tensors)}. "
+                              f"Give the text encoder gemma-2-2b-it as a Hugging Face folder or a single "
+                              f".safetensors (e.g. models/text_encoders/gemma_2_2b*.safetensors)")
+    tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
+    if "embed_tokens.weight" not in tensors or "layers.0.pre_feedforward_layernorm.weight" not in tensors \
+            or "layers.0.self_attn.q_norm.weight" in tensors:
+        raise CheckpointError(f"{path.name} holds a language model that is not Gemma-2 ({describe(tensors)}); "
+                              f"SANA needs gemma-2-2b-it")
+    return tensors
+
+
+def _gemma_config(path: Path, tensors: dict, metadata: dict):
+    """Gemma2Config from config.json (folder), the safetensors metadata "config", or, for hidden
+    size 2304, the Gemma-2-2B geometry with layers and vocabulary counted from the tensors."""
+    from transformers import Gemma2Config
+
+    config = metadata.get("config")
+    if isinstance(config, str):
+        config = json.loads(config)
+    vocab, hidden = tensors["embed_tokens.weight"].shape
+    if config is None:
+        if hidden != GEMMA2_2B_CONFIG["hidden_size"]:
+            raise CheckpointError(f"{path.name}: a Gemma-2 of hidden size {hidden} (not the 2304 of Gemma-2-2B) needs "
+                                  f"its config.json: use the Hugging Face folder, or store the config as JSON under "
+                                  f"\"config\" in the safetensors metadata")
+        layers = 1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("layers."))
+        config = dict(GEMMA2_2B_CONFIG, num_hidden_layers=layers, vocab_size=vocab)
+    if config.get("model_type") != "gemma2":
+        raise CheckpointError(f"{path.name}: the config describes a {config.get('model_type')!r} model; "
+                              f"SANA needs Gemma-2 (model_type 'gemma2'), e.g. gemma-2-2b-it")
+    config = Gemma2Config.from_dict(config)
+    config._attn_implementation = "eager"  # soft-capped attention; what diffusers runs
+    return config
+
+
+def _build_model(config, tensors: dict, *, device, dtype):
+    """Gemma2Model built on the meta device and filled straight at `device`/`dtype`."""
+    from transformers import Gemma2Model
+
+    with torch.device("meta"):
+        model = Gemma2Model(config)
+    load_weights(model, tensors, device=device, dtype=dtype)
+    # Non-persistent buffers are not in any checkpoint: compute them as Gemma2Model does.
+    for name, module in list(model.named_modules()):
+        if type(module).__name__.endswith("RotaryEmbedding"):  # RoPE frequencies, float32
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, type(module)(config).to(device))
+    if "embed_scale" in dict(model.embed_tokens.named_buffers()):  # transformers 5: sqrt(hidden) as a buffer
+        model.embed_tokens.embed_scale = torch.tensor(config.hidden_size ** 0.5, device=device)
+    left = [n for n, b in model.named_buffers() if b.is_meta]
+    if left:
+        raise RuntimeError(f"this transformers version's Gemma2Model has buffers this loader does not fill: {left}")
+    return model.eval().requires_grad_(False)
+
+
+def _load_tokenizer(path: Path, spiece):
+    """The Gemma tokenizer (<bos> added, right padding) from the file's `spiece_model` tensor or
+    from tokenizer.json / tokenizer.model in the folder (or its tokenizer/ sibling)."""
+    from transformers import GemmaTokenizerFast
+
+    options = dict(local_files_only=True, add_bos_token=True, add_eos_token=False, padding_side="right")
+    if spiece is not None:
+        data = spiece.numpy().tobytes()
+        _check_sentencepiece(path, data)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "tokenizer.model").write_bytes(data)
+            return GemmaTokenizerFast.from_pretrained(tmp, **options)
+    looked = [path, path / "tokenizer", path.parent / "tokenizer"] if path.is_dir() else []
+    for where in looked:
+        if any((where / f).is_file() for f in TOKENIZER_FILES):
+            if not (where / "tokenizer.json").is_file():
+                _check_sentencepiece(where / "tokenizer.model", (where / "tokenizer.model").read_bytes())
+            try:
+                return GemmaTokenizerFast.from_pretrained(str(where), **options)
+            except Exception as e:
+                raise CheckpointError(f"the tokenizer in {where} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
+                                      f"it may be damaged: copy tokenizer.json / tokenizer.model again") from None
+    places = [f"{' or '.join(TOKENIZER_FILES)} in {w}" for w in looked] \
+        or [f"a 'spiece_model' tensor in {path.name}"]
+    raise CheckpointError(f"no Gemma tokenizer found for {path}: looked for {'; '.join(places)}. Use the ComfyUI "
+                          f"gemma_2_2b file (tokenizer inside) or the full Hugging Face folder of gemma-2-2b-it")
+
+
+def _check_sentencepiece(path: Path, data: bytes) -> None:
+    """Clear errors for missing packages or damaged bytes (transformers would fall back to tiktoken)."""
+    try:
+        import google.protobuf  # noqa: F401  (transformers reads the model proto with it)
+        import sentencepiece
+    except ImportError as e:
+        raise ImportError(f"reading the SentencePiece tokenizer of {path.name} needs the packages sentencepiece "
+                          f"and protobuf ({e}): pip install sentencepiece protobuf") from None
+    try:
+        sentencepiece.SentencePieceProcessor(model_proto=data)
+    except Exception as e:
+        raise CheckpointError(f"the SentencePiece tokenizer in {path} cannot be read ({str(e)[:200]}); "
+                              f"the file may be damaged: download it again") from None
