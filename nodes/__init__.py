@@ -1,3 +1,30 @@
-"""ComfyUI nodes over sana_core (imported as sana_nodes)."""
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
+"""ComfyUI nodes over sana_core (imported as sana_nodes). Nothing here imports ComfyUI at module
+level: the same classes run inside ComfyUI and in sana-run (see host.py)."""
+from .conditioning import SanaTextEncode
+from .latent import SanaEmptyLatent
+from .loaders import SanaModelLoader, SanaTextEncoderLoader, SanaVAELoader
+from .sampling import SanaSampler
+from .vae import SanaVAEDecode, SanaVAEDecodeTiled, SanaVAEEncode
+
+NODE_CLASS_MAPPINGS = {
+    "SanaModelLoader": SanaModelLoader,
+    "SanaTextEncoderLoader": SanaTextEncoderLoader,
+    "SanaVAELoader": SanaVAELoader,
+    "SanaTextEncode": SanaTextEncode,
+    "SanaEmptyLatent": SanaEmptyLatent,
+    "SanaSampler": SanaSampler,
+    "SanaVAEDecode": SanaVAEDecode,
+    "SanaVAEDecodeTiled": SanaVAEDecodeTiled,
+    "SanaVAEEncode": SanaVAEEncode,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "SanaModelLoader": "SANA Model Loader",
+    "SanaTextEncoderLoader": "SANA Text Encoder Loader (Gemma-2)",
+    "SanaVAELoader": "SANA VAE Loader (DC-AE)",
+    "SanaTextEncode": "SANA Text Encode",
+    "SanaEmptyLatent": "SANA Empty Latent",
+    "SanaSampler": "SANA Sampler",
+    "SanaVAEDecode": "SANA VAE Decode",
+    "SanaVAEDecodeTiled": "SANA VAE Decode (Tiled)",
+    "SanaVAEEncode": "SANA VAE Encode",
+}

@@ -1,0 +1,341 @@
+"""Where the nodes run: inside ComfyUI, or outside it (sana-run, tests) with local equivalents.
+
+The node classes never import ComfyUI. They ask `current()` for a host, decided on first use:
+
+    ComfyHost  model folders from folder_paths, devices and dtypes from comfy.model_management,
+               models wrapped in comfy.model_patcher.ModelPatcher so that ComfyUI's memory manager
+               loads and evicts them, comfy.utils.ProgressBar, the Cancel button.
+    LocalHost  model folders under one directory (ComfyUI's layout), the GPU if there is one,
+               tqdm progress, models moved with .to().
+
+Both give the same small interface; the SANA_* socket types carry a `ManagedModel`.
+"""
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("sana_nodes")
+
+# The ComfyUI folders each component is looked up in, in order (the DiT also in checkpoints).
+MODEL_FOLDERS = {
+    "transformer": ("diffusion_models", "checkpoints"),
+    "text_encoder": ("text_encoders",),
+    "autoencoder": ("vae",),
+}
+# ComfyUI's legacy folder names that still count (models/unet, models/clip).
+LEGACY_FOLDERS = {"diffusion_models": ("unet",), "text_encoders": ("clip",)}
+MODEL_EXTENSIONS = {".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin"}
+# A folder holding one of these is a model (HF/diffusers layout), listed as one entry.
+FOLDER_MARKERS = ("config.json", "model_index.json")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+_host = None
+
+
+def current():
+    """The host the nodes run in: ComfyUI when its modules are importable, else a LocalHost."""
+    global _host
+    if _host is None:
+        try:
+            import comfy.model_management  # noqa: F401
+            import folder_paths  # noqa: F401
+        except ImportError:
+            _host = LocalHost(os.environ.get("SANA_MODELS_DIR", "models"))
+        else:
+            _host = ComfyHost()
+    return _host
+
+
+def use(host):
+    """Make `host` the current one (sana-run and tests); returns it."""
+    global _host
+    _host = host
+    return host
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+class ManagedModel:
+    """A sana_core model with its file and whatever moves it between devices.
+
+    This is what SANA_MODEL, SANA_TEXT_ENCODER and SANA_VAE carry. `model` is the sana_core object
+    (SanaTransformer, TextEncoder, DCAE). Call `ready()` before computing: it returns the model on
+    its compute device, asking the host's memory manager for room. Inside ComfyUI `patcher` is the
+    comfy.model_patcher.ModelPatcher ComfyUI loads and evicts (what adapters to MODEL/CLIP/VAE and
+    LoRA patches will build on); outside it is None.
+    """
+
+    def __init__(self, host, kind: str, model, path: Path, *, load_device, offload_device, patcher=None):
+        self.host, self.kind, self.model, self.path = host, kind, model, Path(path)
+        self.load_device, self.offload_device = _exact(load_device), _exact(offload_device)
+        self.patcher = patcher
+        self.offload_after_use = False  # the text encoder's "gpu, offload after encoding"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def ready(self, memory_required: int = 0):
+        self.host.load([self], memory_required)
+        return self.model
+
+    def release(self):
+        """Move the weights to the offload device now (e.g. the text encoder after encoding)."""
+        self.host.unload(self)
+
+    def size_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in module_of(self.model).state_dict().values())
+
+    def __repr__(self):
+        return f"<{self.kind} {self.name} on {self.load_device}>"
+
+
+def _exact(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def module_of(model) -> torch.nn.Module:
+    """The nn.Module holding a sana_core object's weights (TextEncoder keeps them in .model)."""
+    return model if isinstance(model, torch.nn.Module) else model.model
+
+
+def _weights_moved(model) -> None:
+    """After a host moved a model's weights: drop state derived from their old place, if any."""
+    hook = getattr(model, "clear_device_caches", None)
+    if callable(hook):
+        hook()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model files: names as ComfyUI lists them (paths relative to a model folder, '/' separated).
+
+def list_names(roots, files=None) -> list[str]:
+    """What a loader lists: model files, and model folders (a folder with config.json, e.g. an HF
+    Gemma folder or a diffusers component) as one entry instead of their shards. `files`: the
+    relative file names ComfyUI already listed (its cached recursive listing), else walked here."""
+    names = set()
+    for root in map(Path, roots):
+        if not root.is_dir():
+            continue
+        listed = files if files is not None else [
+            p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in MODEL_EXTENSIONS]
+        is_model = {}  # folder -> holds config.json
+        for name in listed:
+            if not (root / name).is_file():
+                continue
+            parents = list(Path(name).parents)[:-1]  # the file's folders inside root, nearest first
+            flags = [is_model.setdefault(d, (root / d / FOLDER_MARKERS[0]).is_file()) for d in parents]
+            if not any(flags):
+                names.add(Path(name).as_posix())
+            elif flags[0]:
+                names.add(parents[0].as_posix())
+            # else: deeper inside a model folder (e.g. its original/ copy): part of that model
+    return sorted(names)
+
+
+def find_in(roots, name: str, folders) -> Path:
+    """The file or model folder `name` under the first of `roots` that has it."""
+    clean = os.path.relpath(os.path.join("/", name), "/")  # no escaping the model folder
+    for root in map(Path, roots):
+        path = root / clean
+        if path.is_file() or (path.is_dir() and any((path / m).exists() for m in FOLDER_MARKERS)):
+            return path
+    searched = ", ".join(str(r) for r in roots) or "(no folder configured)"
+    raise ModelNotFoundError(
+        f"model file '{name}' was not found in {' or '.join(folders)} (searched: {searched}). Put the file "
+        f"(or Hugging Face/diffusers folder) there, or pick one of the installed models.")
+
+
+# ---------------------------------------------------------------------------------------------
+
+class LocalHost:
+    """Outside ComfyUI: one models directory in ComfyUI's layout, plain torch devices."""
+
+    def __init__(self, models_dir, *, device=None, output_dir="output", input_dir="."):
+        self.models_dir = Path(models_dir)
+        self.device = torch.device(device) if device else (
+            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        self.output_dir, self.input_dir = Path(output_dir), Path(input_dir)
+        self.previews, self.preview_size = False, 512  # a terminal shows no images
+
+    def roots(self, kind: str) -> list[Path]:
+        return [self.models_dir / f for folder in MODEL_FOLDERS[kind]
+                for f in (folder,) + LEGACY_FOLDERS.get(folder, ())]
+
+    def list_models(self, kind: str) -> list[str]:
+        return list_names(self.roots(kind))
+
+    def find_model(self, kind: str, name: str) -> Path:
+        return find_in(self.roots(kind), name, MODEL_FOLDERS[kind])
+
+    def devices(self, kind: str, placement: str = "gpu") -> tuple[torch.device, torch.device]:
+        """(load device, offload device)."""
+        cpu = torch.device("cpu")
+        return (cpu if placement == "cpu" else self.device), cpu
+
+    def dtype(self, kind: str, choice: str, device) -> torch.dtype:
+        if choice in DTYPES:
+            return DTYPES[choice]
+        from sana_core.checkpoints import default_dtype
+        dtype = default_dtype(device)  # bf16 on a GPU that has it, fp32 on the CPU
+        return torch.float32 if dtype == torch.float16 and kind == "text_encoder" else dtype
+
+    def manage(self, kind, model, path, load_device, offload_device) -> ManagedModel:
+        return ManagedModel(self, kind, model, path, load_device=load_device, offload_device=offload_device)
+
+    def load(self, models, memory_required: int = 0) -> None:
+        for m in models:
+            module = module_of(m.model)
+            first = next(iter(module.parameters()), None)
+            if first is not None and first.device != m.load_device:
+                module.to(m.load_device)
+                _weights_moved(m.model)
+
+    def unload(self, m: ManagedModel) -> None:
+        module_of(m.model).to(m.offload_device)
+        _weights_moved(m.model)
+
+    def intermediate_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def progress(self, total: int, desc: str = ""):
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+        def update(step, total_, preview=None):
+            bar.total = total_
+            bar.n = step
+            bar.refresh()
+            if step >= total_:
+                bar.close()
+        return update
+
+    def check_interrupted(self) -> None:
+        pass
+
+    def free_cache(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class ComfyHost:
+    """Inside ComfyUI: folder_paths, comfy.model_management, ModelPatcher, ProgressBar."""
+    previews = True  # live previews on the sampler node
+
+    def __init__(self):
+        import comfy.model_management as mm
+        import folder_paths
+        self.mm, self.folder_paths = mm, folder_paths
+
+    def roots(self, kind: str) -> list[Path]:
+        return [Path(p) for folder in MODEL_FOLDERS[kind] for p in self._folder_paths(folder)]
+
+    def _folder_paths(self, folder):
+        try:
+            return self.folder_paths.get_folder_paths(folder)
+        except KeyError:
+            return []
+
+    def list_models(self, kind: str) -> list[str]:
+        names = set()
+        for folder in MODEL_FOLDERS[kind]:
+            roots = self._folder_paths(folder)
+            if roots:  # ComfyUI's cached recursive listing, minus the insides of model folders
+                names.update(list_names(roots, self.folder_paths.get_filename_list(folder)))
+        return sorted(names)
+
+    def find_model(self, kind: str, name: str) -> Path:
+        return find_in(self.roots(kind), name, MODEL_FOLDERS[kind])
+
+    def devices(self, kind: str, placement: str = "gpu") -> tuple[torch.device, torch.device]:
+        mm, cpu = self.mm, torch.device("cpu")
+        if kind == "transformer":
+            return mm.get_torch_device(), mm.unet_offload_device()
+        if kind == "autoencoder":
+            return mm.vae_device(), mm.vae_offload_device()
+        if placement == "cpu":
+            return cpu, cpu
+        return mm.get_torch_device(), mm.text_encoder_offload_device()
+
+    def dtype(self, kind: str, choice: str, device) -> torch.dtype:
+        if choice in DTYPES:
+            return DTYPES[choice]
+        mm = self.mm
+        from comfy.cli_args import args
+        if kind == "transformer":  # honours --bf16-unet / --fp32-unet ...; never fp8 compute here
+            dtype = mm.unet_dtype(device, supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
+            return dtype if dtype in DTYPES.values() else torch.bfloat16
+        if kind == "autoencoder":
+            return mm.vae_dtype(device, [torch.bfloat16, torch.float32])
+        for flag, dtype in (("fp32_text_enc", torch.float32), ("bf16_text_enc", torch.bfloat16),
+                            ("fp16_text_enc", torch.float16)):
+            if getattr(args, flag, False):
+                return dtype
+        # ComfyUI defaults text encoders to fp16, which Gemma-2 overflows: bf16 or fp32
+        return torch.bfloat16 if mm.should_use_bf16(device, prioritize_performance=False) else torch.float32
+
+    def manage(self, kind, model, path, load_device, offload_device) -> ManagedModel:
+        import comfy.model_patcher
+        from comfy.patcher_extension import CallbacksMP
+        holder = SanaWeights(module_of(model), offload_device)
+        patcher = comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
+        # ComfyUI may evict and reload the weights between (or within) prompts: whatever was
+        # derived from their old place (captured graphs, cached tensors) must go.
+        patcher.add_callback(CallbacksMP.ON_LOAD, lambda *_: _weights_moved(model))
+        patcher.add_callback(CallbacksMP.ON_DETACH, lambda *_: _weights_moved(model))
+        return ManagedModel(self, kind, model, path, load_device=load_device, offload_device=offload_device,
+                            patcher=patcher)
+
+    def load(self, models, memory_required: int = 0) -> None:
+        # force_full_load: our modules have no comfy.ops weight casting, so a partial (lowvram)
+        # load would leave layers on the CPU; ComfyUI evicts other models to make room instead.
+        self.mm.load_models_gpu([m.patcher for m in models], memory_required=memory_required,
+                                force_full_load=True)
+
+    def unload(self, m: ManagedModel) -> None:
+        for i, loaded in enumerate(self.mm.current_loaded_models):
+            if loaded.model is m.patcher:
+                self.mm.current_loaded_models.pop(i).model_unload()
+                break
+        self.mm.soft_empty_cache()
+
+    def intermediate_device(self) -> torch.device:
+        return self.mm.intermediate_device()
+
+    def progress(self, total: int, desc: str = ""):
+        import comfy.utils
+        bar = comfy.utils.ProgressBar(total)
+
+        def update(step, total_, preview=None):
+            bar.update_absolute(step, total_, preview)
+        return update
+
+    def check_interrupted(self) -> None:
+        self.mm.throw_exception_if_processing_interrupted()
+
+    def free_cache(self) -> None:
+        self.mm.soft_empty_cache()
+
+    @property
+    def preview_size(self) -> int:
+        from comfy.cli_args import args
+        return args.preview_size
+
+
+class SanaWeights(torch.nn.Module):
+    """The nn.Module a ModelPatcher moves: the sana_core model's weights under `weights`.
+    ModelPatcher keeps its bookkeeping (device, loaded memory) as attributes on this module,
+    not on the sana_core object."""
+
+    def __init__(self, weights: torch.nn.Module, device):
+        super().__init__()
+        self.weights = weights
+        self.device = torch.device(device)

@@ -1,0 +1,133 @@
+"""Loader nodes: the DiT, Gemma-2 and DC-AE files from ComfyUI's model folders.
+
+Each returns a `host.ManagedModel` (socket types SANA_MODEL, SANA_TEXT_ENCODER, SANA_VAE). The
+weights are read to the offload device (the CPU unless ComfyUI runs --gpu-only/--highvram) and
+moved to the GPU by the host's memory manager when a node computes with them.
+"""
+import sana_core
+from sana_core.checkpoints import CheckpointError
+
+from . import host
+
+DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
+TEXT_ENCODER_PLACEMENTS = ["gpu", "gpu, offload after encoding", "cpu"]
+
+
+def _load(kind: str, name: str, dtype: str, placement: str = "gpu", **hints) -> host.ManagedModel:
+    h = host.current()
+    path = h.find_model(kind, name)
+    load_device, offload_device = h.devices(kind, placement)
+    loader = {"transformer": sana_core.load_transformer, "text_encoder": sana_core.load_text_encoder,
+              "autoencoder": sana_core.load_autoencoder}[kind]
+    what = {"transformer": "a SANA transformer (DiT)", "text_encoder": "a Gemma-2 text encoder",
+            "autoencoder": "a DC-AE autoencoder (VAE)"}[kind]
+    try:
+        model = loader(path, dtype=h.dtype(kind, dtype, load_device), device=offload_device, **hints)
+    except (CheckpointError, OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"could not load '{name}' as {what}: {e}") from e
+    managed = h.manage(kind, model, path, load_device, offload_device)
+    host.log.info(f"SANA: loaded {kind} {name} ({managed.size_bytes() / 2**30:.2f} GiB; runs on {load_device}, "
+                  f"kept on {offload_device})")
+    return managed
+
+
+def _installed(kind: str, name: str):
+    """VALIDATE_INPUTS answer (checked before a prompt runs): True, or where the file was looked for.
+    (Defining it replaces ComfyUI's bare "Value not in list" for the file name.)"""
+    try:
+        host.current().find_model(kind, name)
+    except host.ModelNotFoundError as e:
+        return str(e)
+    return True
+
+
+class SanaModelLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (host.current().list_models("transformer"), {
+                "tooltip": "The SANA DiT: a file or diffusers folder in models/diffusion_models (or "
+                           "models/checkpoints), e.g. Sana_1600M_1024px_BF16.pth, Sana_Sprint_1.6B_1024px.pth or "
+                           "Sana_1600M_4Kpx_BF16.pth. The variant (0.6B, 1.6B, 1.5, Sprint, 2K/4K) is read "
+                           "from the weights; 2K/4K files need 2K/4K in their name."}),
+            "dtype": (DTYPE_CHOICES, {
+                "default": "auto",
+                "tooltip": "Weight precision. auto: bf16 on GPUs that support it (ComfyUI's --bf16-unet / "
+                           "--fp32-unet flags apply), fp32 on the CPU. fp8 files are upcast."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name):
+        return _installed("transformer", model_name)
+
+    RETURN_TYPES = ("SANA_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The SANA diffusion transformer, for SanaSampler.",)
+    FUNCTION = "load"
+    CATEGORY = "SANA"
+    DESCRIPTION = ("Loads a SANA diffusion transformer (Sana 1.0/1.5, 0.6B to 4.8B, Sana-Sprint, 2K/4K) from the "
+                   "original .pth/.safetensors, a ComfyUI single file or a diffusers folder.")
+
+    def load(self, model_name, dtype):
+        return (_load("transformer", model_name, dtype),)
+
+
+class SanaTextEncoderLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder_name": (host.current().list_models("text_encoder"), {
+                "tooltip": "Gemma-2-2B-it: a Hugging Face folder in models/text_encoders (e.g. gemma-2-2b-it with "
+                           "config.json, safetensors and tokenizer files) or a single .safetensors with the "
+                           "tokenizer inside. SANA was trained with gemma-2-2b-it; Lumina 2's gemma_2_2b file (the "
+                           "base model) loads but conditions differently."}),
+            "dtype": (DTYPE_CHOICES, {
+                "default": "auto",
+                "tooltip": "auto: bf16 on GPUs that support it, else fp32 (Gemma-2 overflows in fp16)."}),
+            "device": (TEXT_ENCODER_PLACEMENTS, {
+                "default": "gpu",
+                "tooltip": "gpu: runs on the GPU and ComfyUI evicts it when memory is needed. gpu, offload after "
+                           "encoding: moves its ~5 GB off the GPU right after each encode (16 GB cards, 4K). "
+                           "cpu: always on the CPU (slow, but no GPU memory)."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, text_encoder_name):
+        return _installed("text_encoder", text_encoder_name)
+
+    RETURN_TYPES = ("SANA_TEXT_ENCODER",)
+    RETURN_NAMES = ("text_encoder",)
+    OUTPUT_TOOLTIPS = ("Gemma-2 with its tokenizer, for SanaTextEncode.",)
+    FUNCTION = "load"
+    CATEGORY = "SANA"
+    DESCRIPTION = "Loads the Gemma-2 text encoder SANA uses, offline, from a Hugging Face folder or a single file."
+
+    def load(self, text_encoder_name, dtype, device):
+        managed = _load("text_encoder", text_encoder_name, dtype, "cpu" if device == "cpu" else "gpu")
+        managed.offload_after_use = device == TEXT_ENCODER_PLACEMENTS[1]
+        return (managed,)
+
+
+class SanaVAELoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae_name": (host.current().list_models("autoencoder"), {
+                "tooltip": "The DC-AE f32c32 autoencoder in models/vae: a diffusers folder (e.g. "
+                           "dc-ae-f32c32-sana-1.1-diffusers) or a single file (original mit-han-lab or diffusers "
+                           "keys). Version 1.1 has the better decoder; both fit every SANA model."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, vae_name):
+        return _installed("autoencoder", vae_name)
+
+    RETURN_TYPES = ("SANA_VAE",)
+    RETURN_NAMES = ("vae",)
+    OUTPUT_TOOLTIPS = ("The DC-AE autoencoder, for SanaVAEDecode / SanaVAEEncode.",)
+    FUNCTION = "load"
+    CATEGORY = "SANA"
+    DESCRIPTION = "Loads SANA's 32x DC-AE autoencoder (32 latent channels), precision chosen by ComfyUI's VAE rules."
+
+    def load(self, vae_name):
+        return (_load("autoencoder", vae_name, "auto"),)
