@@ -1,2 +1,721 @@
-def load_autoencoder(path, *, dtype=None, device=None, **hints):
-    raise NotImplementedError
+"""DC-AE f32c32, SANA's autoencoder (arXiv 2410.10733): 32x spatial compression, 32 channels.
+
+Decoder, shallow to deep stage i = 0..5, widths [128, 256, 512, 512, 1024, 1024]: stages 0-2 are
+ResBlocks, stages 3-5 EfficientViT blocks (ReLU linear attention over multi-scale Q/K/V, then a
+GLU MBConv), RMSNorm over channels and SiLU everywhere; it upsamples by nearest-2x + 3x3 conv with a
+channel-duplicating shortcut and ends with RMSNorm -> ReLU -> 3x3 conv to RGB. The encoder mirrors it.
+
+Parameter names are diffusers' `AutoencoderDC` names, except that the attention's Q/K/V projection is
+one 1x1 conv `attn.to_qkv.weight` (3*inner, C, 1, 1) as in the original mit-han-lab files (diffusers
+splits it into to_q/to_k/to_v) and `attn.to_out.weight` is a 1x1 conv (C, 2*inner, 1, 1).
+
+Memory: every block keeps its temporaries under WORK_BYTES by running on bands of rows (convolutions:
+exact, with the rows of context they need) or on groups of heads (attention: heads are independent).
+Tiling: only stages 3-5 mix information globally (linear attention), and they run at 1/8 of the
+output size, so `decode_tiled` runs them on the whole latent and tiles only the purely convolutional
+stages 0-2 + output head, each tile reading `overlap` pixels of context around it. With the default
+overlap (the receptive field of those stages, 56 px) tiled equals untiled: no seams, no blending.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoints import (CheckpointError, default_device, default_dtype, describe, guess_component,
+                          load_weights, read_checkpoint, strip_prefix)
+
+SCALING_FACTOR = 0.41407  # latent = encode(image) * 0.41407 (no shift)
+WORK_BYTES = 1 << 30      # temporaries of one block stay under this (bands of rows / groups of heads)
+DEFAULT_TILE = 1024       # decode_tiled: tile side in output pixels (bench/dcae_tiling.py)
+MEMORY_MARGIN = 1.25      # decode_auto: safety factor on the activation estimate (cuDNN workspaces)
+
+
+@dataclass(frozen=True)
+class DCAEConfig:
+    """Per stage i (shallow to deep): width, number of blocks, and `scales`: None for a stage of
+    ResBlocks, else the multi-scale kernel sizes of its EfficientViT blocks (SANA: (5,))."""
+    decoder_widths: tuple = (128, 256, 512, 512, 1024, 1024)
+    decoder_depths: tuple = (3, 3, 3, 3, 3, 3)
+    decoder_scales: tuple = (None, None, None, (5,), (5,), (5,))
+    encoder_widths: tuple | None = (128, 256, 512, 512, 1024, 1024)  # None: the file has no encoder
+    encoder_depths: tuple | None = (2, 2, 2, 3, 3, 3)
+    encoder_scales: tuple | None = (None, None, None, (5,), (5,), (5,))
+    head_dim: int = 32
+    latent_channels: int = 32
+    image_channels: int = 3
+    scaling_factor: float = SCALING_FACTOR
+
+    @property
+    def variant(self) -> str:
+        if self.decoder_widths == FULL_CONFIG.decoder_widths and self.decoder_depths == FULL_CONFIG.decoder_depths:
+            return "dc-ae-f32c32-sana"
+        return "custom-dc-ae-" + "-".join(map(str, self.decoder_widths))
+
+
+FULL_CONFIG = DCAEConfig()  # dc-ae-f32c32-sana-1.0 and -1.1 (same architecture, different weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# functional pieces
+
+
+def dcae_linear_attention(qkv: torch.Tensor, head_dim: int, *, eps: float = 1e-15, out: torch.Tensor = None):
+    """DC-AE's ReLU attention (efficientvit LiteMLA) over all positions of an image.
+
+    qkv: (B, heads * 3 * head_dim, H, W), per head its q, k, v channels in that order.
+    Returns (B, heads * head_dim, H, W) in qkv's dtype (written into `out` when given):
+    out_n = sum_m v_m relu(k_m).relu(q_n) / (sum_m relu(k_m).relu(q_n) + eps), computed in float32.
+    Linear form (V K^T and the K sum first) when H*W > head_dim; else the quadratic form, like
+    diffusers and efficientvit, so that tiny images give the same numbers.
+    """
+    B, _, H, W = qkv.shape
+    N, d = H * W, head_dim
+    q, k, v = qkv.reshape(B, -1, 3 * d, N).split(d, dim=2)  # (B, h, d, N) each, views
+    q = q.to(torch.float32, copy=True).relu_()
+    k = k.to(torch.float32, copy=True).relu_()
+    v = v.float()
+    if out is None:
+        out = qkv.new_empty(B, q.shape[1] * d, H, W)
+    o = out.view(B, -1, d, N)  # (B, h, d, N)
+    if N > d:
+        vk = torch.matmul(v, k.transpose(-1, -2))                         # (B, h, d, d)
+        vk = torch.cat([vk, k.sum(-1).unsqueeze(2)], dim=2)               # (B, h, d+1, d): last row K sum
+        del k, v
+        num = torch.matmul(vk, q)                                         # (B, h, d+1, N)
+        torch.div(num[:, :, :d], num[:, :, d:].add_(eps), out=o)
+    else:
+        scores = torch.matmul(k.transpose(-1, -2), q)                     # (B, h, N, N)
+        scores = scores / (scores.sum(dim=2, keepdim=True) + eps)
+        o.copy_(torch.matmul(v, scores))
+    return out
+
+
+def rms_norm_2d_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """x (B, C, H, W) <- x / rms over C * weight + bias, IN PLACE; the mean of squares in float32."""
+    rstd = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)  # (B, 1, H, W)
+    rstd = rstd.square_().div_(x.shape[1]).add_(eps).rsqrt_()
+    x.mul_(rstd)
+    return torch.addcmul(bias.view(1, -1, 1, 1), x, weight.view(1, -1, 1, 1), out=x)
+
+
+def banded(fn, x: torch.Tensor, *, halo: int, row_bytes: int, scale: int = 1) -> torch.Tensor:
+    """fn(x) computed on bands of rows of x (B, C, H, W), each with `halo` rows of context on both
+    sides, so that fn's temporaries (row_bytes per input row) stay under WORK_BYTES. Exact for an fn
+    whose output rows (scale per input row) depend on input rows at most `halo` away."""
+    H = x.shape[2]
+    rows = max(WORK_BYTES // max(row_bytes, 1), 8)
+    if rows >= H:
+        return fn(x)
+    out = None
+    for r0 in range(0, H, rows):
+        r1 = min(r0 + rows, H)
+        a, b = max(r0 - halo, 0), min(r1 + halo, H)
+        y = fn(x[:, :, a:b])
+        if out is None:
+            out = y.new_empty(y.shape[0], y.shape[1], H * scale, y.shape[3])
+        out[:, :, r0 * scale:r1 * scale] = y[:, :, (r0 - a) * scale:(r1 - a) * scale]
+        del y
+    return out
+
+
+def _free_cuda_bytes(device) -> int:
+    """What this process can still allocate on a CUDA device: free memory plus the allocator's cached
+    blocks, within a torch.cuda.set_per_process_memory_fraction cap."""
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
+    return min(free + torch.cuda.memory_reserved(device), int(fraction * total)) - torch.cuda.memory_allocated(device)
+
+
+def _split(length: int, tile: int) -> list:
+    """[start, end) intervals covering `length` in ceil(length / tile) near-equal parts."""
+    n = -(-length // tile)
+    edges = [round(i * length / n) for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _phase_weight(w: torch.Tensor) -> torch.Tensor:
+    """3x3 conv of a nearest-2x upsampled input == per output phase (row parity a, column parity b) a
+    2x2 conv of the low-resolution input: taps on rows (i-1, i) for even output rows, (i, i+1) for
+    odd ones, i.e. kernel rows (0 | 1+2) and (0+1 | 2). (O, I, 3, 3) -> (O * 4, I, 2, 2), output
+    channel o * 4 + 2a + b, summed in float32."""
+    dtype, w = w.dtype, w.float()
+    r = torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2], w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2)  # (O, I, a*2+p, 3)
+    p = torch.stack([r[..., 0], r[..., 1] + r[..., 2], r[..., 0] + r[..., 1], r[..., 2]], 3)       # (O, I, a*2+p, b*2+q)
+    p = p.view(*w.shape[:2], 2, 2, 2, 2).permute(0, 2, 4, 1, 3, 5)           # (O, a, b, I, p, q)
+    return p.reshape(-1, w.shape[1], 2, 2).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# modules
+
+
+class RMSNorm2d(nn.Module):
+    """RMSNorm over the channels of (B, C, H, W), with bias (efficientvit's trms2d); in place."""
+
+    def __init__(self, channels: int, eps: float = 1e-5, *, dtype=None, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(channels, dtype=dtype, device=device))
+
+    def forward(self, x):
+        return rms_norm_2d_(x, self.weight, self.bias, self.eps)
+
+
+class ResBlock(nn.Module):
+    """x + norm(conv2(silu(conv1(x))))."""
+
+    def __init__(self, channels: int, *, dtype=None, device=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, **kw)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False, **kw)
+        self.norm = RMSNorm2d(channels, **kw)
+
+    def forward(self, x):  # (B, C, H, W)
+        B, C, _, W = x.shape
+        return banded(self._rows, x, halo=2, row_bytes=2 * B * C * W * x.element_size())
+
+    def _rows(self, x):
+        h = F.silu(self.conv1(x), inplace=True)
+        h = self.conv2(h)
+        return self.norm(h).add_(x)
+
+
+class GLUMBConv(nn.Module):
+    """x + norm(point(a * silu(g))), (a, g) = depthwise3x3(silu(inverted(x))): the local half of an
+    EfficientViT block, hidden width 4C."""
+
+    def __init__(self, channels: int, hidden: int, *, dtype=None, device=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.conv_inverted = nn.Conv2d(channels, 2 * hidden, 1, **kw)
+        self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden, **kw)
+        self.conv_point = nn.Conv2d(hidden, channels, 1, bias=False, **kw)
+        self.norm = RMSNorm2d(channels, **kw)
+
+    def forward(self, x):  # (B, C, H, W)
+        B, C, _, W = x.shape
+        hidden = self.conv_point.in_channels
+        return banded(self._rows, x, halo=1, row_bytes=(4 * hidden + C) * B * W * x.element_size())
+
+    def _rows(self, x):
+        h = F.silu(self.conv_inverted(x), inplace=True)                   # (B, 2M, h, W)
+        h = self.conv_depth(h)
+        a, gate = h.chunk(2, dim=1)
+        a = self.conv_point(a.mul_(F.silu(gate, inplace=True)))          # (B, C, h, W)
+        del h, gate
+        return self.norm(a).add_(x)
+
+
+class MultiscaleProjection(nn.Module):
+    """Aggregates q, k, v over a k x k neighbourhood: depthwise kxk then 1x1 grouped per head."""
+
+    def __init__(self, channels: int, heads: int, kernel: int, *, dtype=None, device=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.proj_in = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False, **kw)
+        self.proj_out = nn.Conv2d(channels, channels, 1, groups=3 * heads, bias=False, **kw)
+
+    def forward(self, qkv, channels: slice):
+        """qkv: the (B, c, H, W) q/k/v channels `channels` (whole heads) of the full projection."""
+        w_in, w_out = self.proj_in.weight[channels], self.proj_out.weight[channels]
+        x = F.conv2d(qkv, w_in, padding=self.proj_in.padding, groups=w_in.shape[0])
+        return F.conv2d(x, w_out, groups=w_out.shape[0] // w_out.shape[1])
+
+
+class MultiscaleLinearAttention(nn.Module):
+    """x + norm(to_out([attn(qkv), attn(ms_1(qkv)), ...])), qkv = to_qkv(x) (efficientvit LiteMLA)."""
+
+    def __init__(self, channels: int, head_dim: int, scales: tuple, *, dtype=None, device=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.head_dim, self.heads = head_dim, channels // head_dim
+        inner = self.heads * head_dim
+        self.to_qkv = nn.Conv2d(channels, 3 * inner, 1, bias=False, **kw)
+        self.to_qkv_multiscale = nn.ModuleList(MultiscaleProjection(3 * inner, self.heads, k, **kw) for k in scales)
+        self.to_out = nn.Conv2d(inner * (1 + len(scales)), channels, 1, bias=False, **kw)
+        self.norm_out = RMSNorm2d(channels, **kw)
+
+    def forward(self, x):  # (B, C, H, W)
+        B, _, H, W = x.shape
+        d, inner = self.head_dim, self.heads * self.head_dim
+        att = x.new_empty(B, self.to_out.in_channels, H, W)    # (B, S * inner, H, W), S = 1 + scales
+        per_head = B * H * W * d * (9 * x.element_size() + 24)  # q/k/v and multi-scale copies, float32 work
+        group = max(1, min(self.heads, WORK_BYTES // per_head))
+        for h0 in range(0, self.heads, group):                  # heads are independent
+            h1 = min(h0 + group, self.heads)
+            rows = slice(3 * d * h0, 3 * d * h1)
+            qkv = F.conv2d(x, self.to_qkv.weight[rows])          # (B, 3d * heads_in_group, H, W)
+            dcae_linear_attention(qkv, d, out=att[:, d * h0:d * h1])
+            for j, ms in enumerate(self.to_qkv_multiscale, start=1):
+                dcae_linear_attention(ms(qkv, rows), d, out=att[:, j * inner + d * h0:j * inner + d * h1])
+            del qkv
+        y = self.to_out(att)
+        del att
+        return self.norm_out(y).add_(x)
+
+
+class EfficientViTBlock(nn.Module):
+    def __init__(self, channels: int, head_dim: int, scales: tuple, *, dtype=None, device=None):
+        super().__init__()
+        self.attn = MultiscaleLinearAttention(channels, head_dim, scales, dtype=dtype, device=device)
+        self.conv_out = GLUMBConv(channels, 4 * channels, dtype=dtype, device=device)
+
+    def forward(self, x):
+        return self.conv_out(self.attn(x))
+
+
+class Upsample(nn.Module):
+    """conv3x3(nearest_2x(x)) + pixel_shuffle(repeat_interleave(x, r)), r = 4 * out / in; computed as
+    phase convolutions of the low-resolution x, never materialising the upsampled input."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, dtype=None, device=None):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, dtype=dtype, device=device)
+        self.repeats = 4 * out_channels // in_channels
+        if 4 % self.repeats and self.repeats % 4:
+            raise CheckpointError(f"upsampling {in_channels} -> {out_channels} channels is not supported")
+
+    def forward(self, x):  # (B, Cin, H, W) -> (B, Cout, 2H, 2W)
+        B, _, _, W = x.shape
+        weight, bias = _phase_weight(self.conv.weight), self.conv.bias.repeat_interleave(4)
+        row_bytes = 12 * self.conv.out_channels * B * W * x.element_size()
+        return banded(lambda t: self._rows(t, weight, bias), x, halo=1, row_bytes=row_bytes, scale=2)
+
+    def _rows(self, x, weight, bias):
+        B, _, H, W = x.shape
+        z = F.conv2d(x, weight, bias, padding=1)                           # (B, 4 * Cout, H + 1, W + 1)
+        out = z.new_empty(B, z.shape[1] // 4, 2 * H, 2 * W)
+        r = self.repeats
+        wide = x if r == 4 else x.repeat_interleave(r // 4, dim=1) if r > 4 else None  # (B, Cout, H, W)
+        for a in (0, 1):
+            for b in (0, 1):
+                k = 2 * a + b                                               # duplicated channel o*4+k is x[(o*4+k)//r]
+                shortcut = wide if wide is not None else x[:, k // r::4 // r]
+                torch.add(z[:, k::4, a:a + H, b:b + W], shortcut, out=out[:, :, a::2, b::2])
+        return out
+
+
+class Downsample(nn.Module):
+    """conv3x3 stride 2 (x) + channel-averaged pixel_unshuffle(x)."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, dtype=None, device=None):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1, dtype=dtype, device=device)
+        self.group = 4 * in_channels // out_channels
+
+    def forward(self, x):
+        y = F.pixel_unshuffle(x, 2).unflatten(1, (-1, self.group)).mean(2)
+        return self.conv(x).add_(y)
+
+
+def _make_block(width: int, scales, head_dim: int, kw: dict) -> nn.Module:
+    return ResBlock(width, **kw) if scales is None else EfficientViTBlock(width, head_dim, scales, **kw)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: DCAEConfig, *, dtype=None, device=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        widths, depths, scales = config.decoder_widths, config.decoder_depths, config.decoder_scales
+        n = len(widths)
+        self.conv_in = nn.Conv2d(config.latent_channels, widths[-1], 3, padding=1, **kw)
+        self.up_blocks = nn.ModuleList(
+            nn.ModuleList(([Upsample(widths[i + 1], widths[i], **kw)] if i < n - 1 else [])
+                          + [_make_block(widths[i], scales[i], config.head_dim, kw) for _ in range(depths[i])])
+            for i in range(n))
+        self.norm_out = RMSNorm2d(widths[0], **kw)
+        self.conv_out = nn.Conv2d(widths[0], config.image_channels, 3, padding=1, **kw)
+        # stages >= first_global hold attention and run on the whole image; below, only convolutions
+        self.first_global = min([i for i, s in enumerate(scales) if s is not None], default=n)
+        self.local_scale = 2 ** self.first_global  # output pixels per pixel of the first global stage
+        lo, hi = 0, self.local_scale - 1           # receptive field of the local stages, in those pixels
+        lo, hi = lo - 1, hi + 1                    # conv_out
+        for i in range(self.first_global):
+            convs = 2 * depths[i] + 1              # two per ResBlock and the upsample's
+            lo, hi = (lo - convs) // 2, (hi + convs) // 2
+        self.local_halo = max(-lo, hi)             # SANA: 7 (56 output pixels)
+
+    def forward(self, z):  # (B, 32, h, w) unscaled latent -> (B, 3, 32h, 32w)
+        return self.local_stages(self.global_stages(z))
+
+    def global_stages(self, z):  # -> (B, widths[first_global], ...) features of the first global stage
+        B, c, h, w = z.shape
+        x = self.conv_in(z)
+        x.view(B, c, -1, h, w).add_(z.unsqueeze(2))  # + repeat_interleave(z, widths[-1] // c, dim=1)
+        for i in reversed(range(self.first_global, len(self.up_blocks))):
+            for block in self.up_blocks[i]:
+                x = block(x)
+        return x
+
+    def local_stages(self, x):  # convolutions only: a tile with enough context decodes exactly
+        for i in reversed(range(self.first_global)):
+            for block in self.up_blocks[i]:
+                x = block(x)
+        x = F.relu(self.norm_out(x), inplace=True)
+        return self.conv_out(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: DCAEConfig, *, dtype=None, device=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        widths, depths, scales = config.encoder_widths, config.encoder_depths, config.encoder_scales
+        n = len(widths)
+        self.conv_in = nn.Conv2d(config.image_channels, widths[0], 3, padding=1, **kw)
+        self.down_blocks = nn.ModuleList(
+            nn.ModuleList([_make_block(widths[i], scales[i], config.head_dim, kw) for _ in range(depths[i])]
+                          + ([Downsample(widths[i], widths[i + 1], **kw)] if i < n - 1 else []))
+            for i in range(n))
+        self.conv_out = nn.Conv2d(widths[-1], config.latent_channels, 3, padding=1, **kw)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, 32, H/32, W/32) unscaled latent
+        x = self.conv_in(x)
+        for stage in self.down_blocks:
+            for block in stage:
+                x = block(x)
+        shortcut = x.unflatten(1, (self.conv_out.out_channels, -1)).mean(2)  # channel-averaged
+        return self.conv_out(x).add_(shortcut)
+
+
+class DCAE(nn.Module):
+    """The autoencoder. Latents are in the DiT's space (scaled by `scaling_factor`); images are
+    (B, 3, H, W) in [-1, 1]. Outputs are float32 on the model's device."""
+
+    def __init__(self, config: DCAEConfig, *, dtype=None, device=None):
+        super().__init__()
+        self.config = config
+        self.scaling_factor = config.scaling_factor
+        self.latent_channels = config.latent_channels
+        self.spatial_compression = 2 ** (len(config.decoder_widths) - 1)
+        self.encoder = Encoder(config, dtype=dtype, device=device) if config.encoder_widths else None
+        self.decoder = Decoder(config, dtype=dtype, device=device)
+        self._preview = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.conv_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.conv_in.weight.dtype
+
+    # -- public API -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1], H and W multiples of 32 -> scaled latent (B, 32, H/32, W/32)."""
+        if self.encoder is None:
+            raise CheckpointError("this autoencoder file holds only the decoder: encoding needs the full "
+                                  "DC-AE file (encoder and decoder)")
+        f = self.spatial_compression
+        if image.ndim != 4 or image.shape[1] != self.config.image_channels:
+            raise ValueError(f"expected images (B, {self.config.image_channels}, H, W), got shape {tuple(image.shape)}")
+        if image.shape[2] % f or image.shape[3] % f:
+            raise ValueError(f"image sides must be multiples of {f}, got {image.shape[3]}x{image.shape[2]} "
+                             f"(width x height): crop or resize it, e.g. to "
+                             f"{image.shape[3] // f * f or f}x{image.shape[2] // f * f or f}")
+        latent = self.encoder(image.to(device=self.device, dtype=self.dtype))
+        return latent.float().mul_(self.scaling_factor)
+
+    @torch.inference_mode()
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Scaled latent (B, 32, h, w) -> images (B, 3, 32h, 32w) in [-1, 1], untiled."""
+        return self.decoder(self._unscale(latent)).float().clamp_(-1, 1)
+
+    @torch.inference_mode()
+    def decode_tiled(self, latent: torch.Tensor, tile: int = None, overlap: int = None) -> torch.Tensor:
+        """Like decode with bounded memory: stages 0-2 (convolutions) run on tiles of `tile` pixels
+        (default DEFAULT_TILE), each reading `overlap` pixels of context on every side (default: their
+        receptive field, 56 px for SANA, which makes the result equal to `decode`; less is faster and
+        leaves small differences near tile borders)."""
+        x = self.decoder.global_stages(self._unscale(latent))
+        return self._local_tiled(x, tile, overlap).float().clamp_(-1, 1)
+
+    def decode_auto(self, latent: torch.Tensor) -> torch.Tensor:
+        """decode when its estimated activations fit in free device memory, else decode_tiled with the
+        biggest tile that fits (one sample at a time when the batch does not fit). CPU: untiled."""
+        if self.device.type != "cuda":
+            return self.decode(latent)
+        B, _, h, w = latent.shape
+        free = _free_cuda_bytes(self.device)
+        if B > 1 and self.activation_bytes(B, h, w) > free:
+            return torch.cat([self.decode_auto(latent[i:i + 1]) for i in range(B)])
+        tile = self.auto_tile(B, h, w, free)
+        return self.decode(latent) if tile is None else self.decode_tiled(latent, tile=tile)
+
+    def auto_tile(self, batch: int, h: int, w: int, free_bytes: int):
+        """None when decode of a (batch, 32, h, w) latent fits in free_bytes, else the biggest tile
+        (pixels) with which decode_tiled fits (the smallest one tried when none does)."""
+        if self.activation_bytes(batch, h, w) <= free_bytes:
+            return None
+        side = max(h, w) * self.spatial_compression
+        tiles = [t for t in (2048, 1536, 1024, 768, 512, 384, 256) if t < side]
+        fits = [t for t in tiles if self.activation_bytes(batch, h, w, tile=t) <= free_bytes]
+        return fits[0] if fits else (tiles[-1] if tiles else None)
+
+    def activation_bytes(self, batch: int, h: int, w: int, *, tile: int = None) -> int:
+        """Estimated peak device memory (bytes, beyond the weights) of decode (tile None) or
+        decode_tiled(tile=tile) of a (batch, 32, h, w) latent. Counts the largest live tensors of
+        each stage and the per-block WORK_BYTES, times MEMORY_MARGIN."""
+        dec, cfg, e = self.decoder, self.config, torch.empty((), dtype=self.dtype).element_size()
+        widths, n, k = cfg.decoder_widths, len(cfg.decoder_widths), dec.first_global
+        pixels = lambda i: h * w * 4 ** (n - 1 - i)  # pixels of stage i for the whole image
+        held = batch * pixels(0) * 3 * (e + 4)       # the output image, and its float32 copy
+        worst = max([(2 + 1 + len(cfg.decoder_scales[i] or ())) * widths[i] * pixels(i) for i in range(k, n)],
+                    default=0)                       # in, attention buffer (1 + scales) C, out
+        region = pixels(0)
+        if tile is not None and tile < max(h, w) * self.spatial_compression:
+            f = dec.local_scale
+            held += batch * widths[k] * pixels(k) * e  # the global features, kept while tiling
+            region = (tile // f * f + 2 * dec.local_halo * f) ** 2
+        for i in range(k):                           # block in + out, upsample in + out
+            worst = max(worst, region // 4 ** i * max(2 * widths[i], widths[i] + widths[i + 1] // 4))
+        return int(MEMORY_MARGIN * (held + batch * worst * e + WORK_BYTES))
+
+    def preview_projection(self) -> tuple:
+        """(weight (32, 3), bias (3,)), float32 on the CPU: rgb = latent_pixel @ weight + bias maps a
+        scaled latent pixel to the average colour (in [-1, 1]) of the 32x32 pixels it decodes to.
+        Least squares over decoded smooth random latents (4 x 8 x 8 latent pixels), computed once."""
+        if self._preview is None:
+            g = torch.Generator().manual_seed(0)
+            c, f = self.latent_channels, self.spatial_compression
+            z = F.interpolate(torch.randn(4, c, 5, 5, generator=g), size=(8, 8), mode="bilinear", align_corners=True)
+            z = z + 0.3 * torch.randn(z.shape, generator=g)              # smooth, yet full rank
+            z = z / z.std(dim=(0, 2, 3), keepdim=True)                   # unit variance, like the DiT's latents
+            colour = F.avg_pool2d(self.decode(z).cpu(), f)               # (4, 3, 8, 8)
+            x = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, c), torch.ones(z.numel() // c, 1)], 1)
+            y = colour.permute(0, 2, 3, 1).reshape(-1, 3)
+            solution = torch.linalg.lstsq(x.double(), y.double()).solution.float()  # (c + 1, 3)
+            self._preview = (solution[:c].contiguous(), solution[c].contiguous())
+        return self._preview
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _unscale(self, latent: torch.Tensor) -> torch.Tensor:
+        c = self.latent_channels
+        if latent.ndim != 4 or latent.shape[1] != c:
+            hint = " (a 4- or 16-channel latent comes from an SD/SDXL/Flux VAE, not SANA)" if latent.ndim == 4 else ""
+            raise ValueError(f"expected a DC-AE latent (B, {c}, h, w), got shape {tuple(latent.shape)}{hint}")
+        if not torch.isfinite(latent).all():
+            raise ValueError("the latent contains NaN or infinite values, so it cannot be decoded: the sampling "
+                             "diverged (try bfloat16 or float32 instead of float16, a lower CFG, or more steps)")
+        return (latent.to(device=self.device, dtype=torch.float32) / self.scaling_factor).to(self.dtype)
+
+    def _local_tiled(self, x: torch.Tensor, tile: int = None, overlap: int = None) -> torch.Tensor:
+        """decoder.local_stages(x) on tiles of x (features of the first global stage)."""
+        dec = self.decoder
+        f = dec.local_scale
+        tile = DEFAULT_TILE if tile is None else tile
+        overlap = dec.local_halo * f if overlap is None else overlap
+        if tile < f or overlap < 0:
+            raise ValueError(f"tile must be at least {f} pixels and overlap at least 0; got {tile}, {overlap}")
+        tile_k, halo = tile // f, -(-overlap // f)
+        B, _, H, W = x.shape
+        if tile_k >= H and tile_k >= W:
+            return dec.local_stages(x)
+        out = None
+        for r0, r1 in _split(H, tile_k):
+            for c0, c1 in _split(W, tile_k):
+                a0, a1, b0, b1 = max(r0 - halo, 0), min(r1 + halo, H), max(c0 - halo, 0), min(c1 + halo, W)
+                y = dec.local_stages(x[:, :, a0:a1, b0:b1])
+                if out is None:
+                    out = y.new_empty(B, y.shape[1], H * f, W * f)
+                out[:, :, r0 * f:r1 * f, c0 * f:c1 * f] = \
+                    y[:, :, (r0 - a0) * f:(r1 - a0) * f, (c0 - b0) * f:(c1 - b0) * f]
+                del y
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+# Original mit-han-lab (efficientvit) names -> diffusers names: substrings replaced in this order in
+# every key (as diffusers' loaders/single_file_utils.convert_autoencoder_dc_checkpoint_to_diffusers),
+# then the two 1x1 convs below keep their original conv shape under our names.
+ORIGINAL_TO_DIFFUSERS = (
+    ("main.", ""), ("op_list.", ""), ("context_module", "attn"), ("local_module", "conv_out"),
+    ("aggreg.0.0", "to_qkv_multiscale.0.proj_in"), ("aggreg.0.1", "to_qkv_multiscale.0.proj_out"),
+    ("depth_conv.conv", "conv_depth"), ("inverted_conv.conv", "conv_inverted"),
+    ("point_conv.conv", "conv_point"), ("point_conv.norm", "norm"),
+    ("conv.conv.", "conv."), ("conv1.conv", "conv1"), ("conv2.conv", "conv2"), ("conv2.norm", "norm"),
+    ("proj.norm", "norm_out"),
+    ("encoder.project_in.conv", "encoder.conv_in"), ("encoder.project_out.0.conv", "encoder.conv_out"),
+    ("encoder.stages", "encoder.down_blocks"),
+    ("decoder.project_in.conv", "decoder.conv_in"), ("decoder.project_out.0", "decoder.norm_out"),
+    ("decoder.project_out.2.conv", "decoder.conv_out"), ("decoder.stages", "decoder.up_blocks"),
+    ("qkv.conv.weight", "to_qkv.weight"), ("proj.conv.weight", "to_out.weight"),
+)
+
+
+def _is_original_layout(keys) -> bool:
+    return any(".op_list." in k or "project_in." in k or k.startswith(("encoder.stages.", "decoder.stages."))
+               for k in keys)
+
+
+def _looks_like_dcae(tensors: dict) -> bool:
+    """Our names: a decoder input conv and stages numbered decoder.up_blocks.<stage>.<block>."""
+    staged = [k.split(".") for k in tensors if k.startswith(("decoder.up_blocks.", "encoder.down_blocks."))]
+    return "decoder.conv_in.weight" in tensors and bool(staged) and all(
+        len(p) > 4 and p[2].isdigit() and p[3].isdigit() for p in staged)
+
+
+def to_model_names(tensors: dict) -> dict:
+    """State dict in the original or the diffusers layout (detected from the keys) -> our names."""
+    if _is_original_layout(tensors):
+        out = {}
+        for key, value in tensors.items():
+            for old, new in ORIGINAL_TO_DIFFUSERS:
+                key = key.replace(old, new)
+            out[key] = value
+        return out
+    out = {}
+    for key, value in tensors.items():
+        if key.endswith(".attn.to_q.weight"):
+            p = key[:-len("to_q.weight")]
+            try:
+                parts = [tensors[p + n + ".weight"] for n in ("to_q", "to_k", "to_v")]
+            except KeyError as e:
+                raise CheckpointError(f"the attention weights are incomplete: {e.args[0]} is missing") from None
+            out[p + "to_qkv.weight"] = torch.cat(parts)[:, :, None, None]
+        elif key.endswith((".attn.to_k.weight", ".attn.to_v.weight")):
+            continue
+        elif key.endswith(".attn.to_out.weight") and value.ndim == 2:
+            out[key] = value[:, :, None, None]
+        else:
+            out[key] = value
+    return out
+
+
+def to_diffusers_names(state_dict: dict) -> dict:
+    """Our state dict -> diffusers' AutoencoderDC names and shapes (to_q/to_k/to_v, linear to_out)."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith(".attn.to_qkv.weight"):
+            p = key[:-len("to_qkv.weight")]
+            for name, part in zip(("to_q", "to_k", "to_v"), value[:, :, 0, 0].chunk(3)):
+                out[p + name + ".weight"] = part.contiguous()
+        elif key.endswith(".attn.to_out.weight"):
+            out[key] = value[:, :, 0, 0].contiguous()
+        else:
+            out[key] = value
+    return out
+
+
+def _stage_geometry(tensors: dict, prefix: str, n: int, resample_first: bool, name: str):
+    """Widths, depths and scales of `n` stages `{prefix}.{i}.{j}.` (resampling block first or last)."""
+    widths, depths, scales, head_dims = [], [], [], set()
+    for i in range(n):
+        stage = f"{prefix}.{i}."
+        ids = sorted({int(k[len(stage):].split(".")[0]) for k in tensors if k.startswith(stage)})
+        resample = ([ids[0]] if resample_first else [ids[-1]]) if i < n - 1 and ids else []
+        if resample and f"{stage}{resample[0]}.conv.weight" not in tensors:
+            resample = []
+        blocks = [j for j in ids if j not in resample]
+        if not blocks or ids != list(range(len(ids))):
+            raise CheckpointError(f"{name}: stage {prefix}.{i} has no blocks (or gaps in its numbering): this is "
+                                  f"not a DC-AE f32c32-sana checkpoint (the -in/-mix DC-AE variants are not supported)")
+        kinds = set()
+        for j in blocks:
+            b = f"{stage}{j}."
+            if b + "conv1.weight" in tensors:
+                kinds.add(None)
+                width = tensors[b + "conv1.weight"].shape[0]
+            elif b + "attn.to_qkv.weight" in tensors:
+                m = 0
+                while f"{b}attn.to_qkv_multiscale.{m}.proj_in.weight" in tensors:
+                    head_dims.add(tensors[f"{b}attn.to_qkv_multiscale.{m}.proj_out.weight"].shape[1])
+                    m += 1
+                kinds.add(tuple(tensors[f"{b}attn.to_qkv_multiscale.{s}.proj_in.weight"].shape[-1] for s in range(m)))
+                width = tensors[b + "attn.to_qkv.weight"].shape[1]
+            else:
+                raise CheckpointError(f"{name}: block {b[:-1]} is neither a ResBlock nor an EfficientViT block "
+                                      f"(keys: {', '.join(sorted(k for k in tensors if k.startswith(b))[:4])})")
+        if len(kinds) != 1:
+            raise CheckpointError(f"{name}: stage {prefix}.{i} mixes block types")
+        widths.append(width)
+        depths.append(len(blocks))
+        scales.append(kinds.pop())
+    return tuple(widths), tuple(depths), tuple(scales), head_dims
+
+
+def infer_config(tensors: dict, diffusers_config: dict = None, name: str = "checkpoint") -> DCAEConfig:
+    """The architecture, read from the tensors (our names); checked against a diffusers config.json."""
+    if any(k.endswith("running_mean") for k in tensors):
+        raise CheckpointError(f"{name} uses batch norm: it is a DC-AE -in/-mix variant, not dc-ae-f32c32-sana-1.0/1.1")
+    if "decoder.conv_in.weight" not in tensors:
+        raise CheckpointError(f"{name} has no DC-AE decoder (decoder.conv_in.weight); it holds {describe(tensors)}")
+    if "encoder.conv_in.conv.weight" in tensors:
+        raise CheckpointError(f"{name} is a DC-AE -in/-mix variant (pixel-unshuffle input), not dc-ae-f32c32-sana")
+    n = 1 + max(int(k.split(".")[2]) for k in tensors if k.startswith("decoder.up_blocks."))
+    widths, depths, scales, head_dims = _stage_geometry(tensors, "decoder.up_blocks", n, True, name)
+    enc = (None, None, None)
+    if "encoder.conv_in.weight" in tensors:
+        n_enc = 1 + max(int(k.split(".")[2]) for k in tensors if k.startswith("encoder.down_blocks."))
+        *enc, enc_head_dims = _stage_geometry(tensors, "encoder.down_blocks", n_enc, False, name)
+        head_dims |= enc_head_dims
+    for i in range(n - 1):
+        up = tensors.get(f"decoder.up_blocks.{i}.0.conv.weight")
+        if up is not None and up.shape[0] != widths[i]:
+            raise CheckpointError(f"{name}: decoder stage {i} upsamples by pixel shuffle ({up.shape[0]} channels); "
+                                  f"only the SANA DC-AE (interpolate + conv) is supported")
+    cfg = diffusers_config or {}
+    if len(head_dims) > 1:
+        raise CheckpointError(f"{name}: attention head sizes differ between blocks ({sorted(head_dims)})")
+    head_dim = head_dims.pop() if head_dims else cfg.get("attention_head_dim", 32)
+    config = DCAEConfig(decoder_widths=widths, decoder_depths=depths, decoder_scales=scales,
+                        encoder_widths=enc[0], encoder_depths=enc[1], encoder_scales=enc[2], head_dim=head_dim,
+                        latent_channels=tensors["decoder.conv_in.weight"].shape[1],
+                        image_channels=tensors["decoder.conv_out.weight"].shape[0],
+                        scaling_factor=float(cfg.get("scaling_factor", SCALING_FACTOR)))
+    _check_against_diffusers_config(config, cfg, name)
+    return config
+
+
+def _check_against_diffusers_config(config: DCAEConfig, cfg: dict, name: str) -> None:
+    if not cfg:
+        return
+    supported = {"upsample_block_type": "interpolate", "downsample_block_type": "conv",
+                 "decoder_norm_types": "rms_norm", "decoder_act_fns": "silu"}
+    for key, value in supported.items():
+        given = cfg.get(key, value)
+        if any(v != value for v in ([given] if isinstance(given, str) else given)):
+            raise CheckpointError(f"{name}: config.json has {key}={given!r}; only the SANA DC-AE ({key}="
+                                  f"{value!r}) is supported")
+    expected = {"decoder_block_out_channels": config.decoder_widths, "decoder_layers_per_block": config.decoder_depths,
+                "latent_channels": config.latent_channels, "attention_head_dim": config.head_dim}
+    if config.encoder_widths:
+        expected.update(encoder_block_out_channels=config.encoder_widths, encoder_layers_per_block=config.encoder_depths)
+    for key, value in expected.items():
+        given = cfg.get(key)
+        if given is not None and (tuple(given) if isinstance(given, list) else given) != value:
+            raise CheckpointError(f"{name}: config.json says {key}={given}, but the weights have {value}; "
+                                  f"the folder mixes files of different models")
+
+
+def load_autoencoder(path, *, dtype=None, device=None) -> DCAE:
+    """DC-AE f32c32 (SANA 1.0 / 1.1) from the original mit-han-lab file (.safetensors/.pth/.pt) or the
+    diffusers layout (folder with config.json, or its single .safetensors), detected from the keys."""
+    path = Path(path)
+    if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "vae").is_dir():
+        path = path / "vae"  # a whole diffusers pipeline folder
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    tensors, metadata = read_checkpoint(path, weight_names=("diffusion_pytorch_model", "model"))
+    tensors = strip_prefix(tensors, ("first_stage_model.", "vae.", "model.", "module."))
+    kind = guess_component(tensors)
+    model_tensors = to_model_names(tensors) if kind == "autoencoder" else {}
+    if not _looks_like_dcae(model_tensors):
+        hint = {"transformer": "load it with the SANA model loader (load_transformer)",
+                "text_encoder": "load it with the Gemma text encoder loader (load_text_encoder)",
+                "autoencoder": "it is another kind of VAE (SD/SDXL/Flux style)"}.get(kind, "it is no SANA component")
+        raise CheckpointError(f"{path.name} is not a DC-AE autoencoder: it holds {describe(tensors)}; {hint}. "
+                              f"SANA needs the DC-AE f32c32 (dc-ae-f32c32-sana-1.0 or -1.1) here")
+    tensors = model_tensors
+    config = infer_config(tensors, metadata.get("config"), path.name)
+    model = DCAE(config, dtype=dtype, device="meta")
+    return load_weights(model, tensors, device=device, dtype=dtype)

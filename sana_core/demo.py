@@ -23,7 +23,24 @@ def write_demo_transformer(path: Path, *, sprint: bool = False, seed: int = 0) -
 
 def write_demo_autoencoder(path: Path, *, seed: int = 0) -> Path:
     """A tiny DC-AE f32c32 (narrow stages, same structure) as .safetensors at `path`."""
-    raise NotImplementedError  # owner: the DC-AE work
+    import torch
+    from safetensors.torch import save_file
+    from .autoencoder import DCAE, DCAEConfig, to_diffusers_names
+
+    widths = (8, 16, 32, 32, 64, 64)  # 6 stages (32x), 32 latent channels, 8-channel heads
+    config = DCAEConfig(decoder_widths=widths, encoder_widths=widths, head_dim=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DCAE(config)  # PyTorch's default init; norms moved off (1, 0) so they matter
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(0.2 * torch.randn_like(p))
+    tensors = {k: v.contiguous() for k, v in to_diffusers_names(model.state_dict()).items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": "pt", "description": "tiny random DC-AE f32c32 (demo)"})
+    return path
 
 
 def write_demo_text_encoder(path: Path, *, seed: int = 0) -> Path:
