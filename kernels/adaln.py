@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from . import HAS_TRITON, triton, tl, upcast, use_triton
 
 if HAS_TRITON:
-    @triton.jit
+    @triton.jit(do_not_specialize=["N"])  # one compile for every image size (sana_core.cuda_graphs: new sizes)
     def _adaln_kernel(x_ptr, y_ptr, g_ptr, shift_ptr, scale_ptr, r_ptr, o_ptr, N, C, eps,
                       sxb, sxn, syb, syn, sgb, sshb, sscb, srb, srn, sob, son,
                       BLOCK_C: tl.constexpr, RESIDUAL: tl.constexpr):

@@ -40,7 +40,7 @@ if HAS_TRITON:
         vx, vg = vx.to(tl.float32), vg.to(tl.float32)
         return ax + vx * w_bot, ag + vg * g_bot, bx + vx * w_mid, bg + vg * g_mid, nx + vx * w_top, ng + vg * g_top
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["height", "width", "rows"])  # one compile for every image size
     def _dwconv_glu_kernel(x_ptr, w_ptr, b_ptr, o_ptr, HID, height, width, rows,
                            sxb, sxn, sxc, sob, son, soc,
                            BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr):

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import resolution, samplers
+from . import cuda_graphs as graphs, resolution, samplers
 
 SAMPLER_STEPS = {"flow_dpm_solver": 20, "flow_euler": 28, "scm": 2}  # default steps per sampler
 PAG_SCALE = 2.0  # the official scale when PAG is on (off by default: it costs a third more DiT work)
@@ -61,7 +61,7 @@ def base_resolution(config) -> int:
 
 def sample_latents(transformer, noise, cond, cond_mask, uncond=None, uncond_mask=None, *, sampler, steps, cfg,
                    pag_scale=0.0, pag_layers=(), shift, denoise=1.0, latent=None, seed=0, callback=None,
-                   integer_timesteps=True) -> torch.Tensor:
+                   integer_timesteps=True, cuda_graphs=None) -> torch.Tensor:
     """Guided sampling: returns the clean float32 latent (B, 32, h, w) on the transformer's device.
 
     noise (B, 32, h, w) unit variance (any device); cond/uncond (1 or B, T, D) caption embeddings with
@@ -71,6 +71,9 @@ def sample_latents(transformer, noise, cond, cond_mask, uncond=None, uncond_mask
     guidance scale. scm's fresh noise comes from torch.Generator().manual_seed(seed), continued past
     one noise-sized draw, as in diffusers' SanaSprintPipeline, whose generator first makes the
     initial noise: a seed gives the same image here, in SanaPipeline, in ComfyUI and in diffusers.
+    The caption side of the cross-attention is computed once; on a GPU each step (the whole guided
+    call) is replayed from a CUDA graph (sana_core.cuda_graphs) unless cuda_graphs=False or the
+    environment has SANA_CUDA_GRAPHS=0 (None: the environment decides).
     """
     config = transformer.config
     samplers.check_steps(sampler, steps, denoise)
@@ -96,22 +99,21 @@ def sample_latents(transformer, noise, cond, cond_mask, uncond=None, uncond_mask
     groups = ([(uncond, uncond_mask)] if use_cfg else []) + [(cond, cond_mask)] * (2 if use_pag else 1)
     n = len(groups)
     context, context_mask = _concat_captions(groups)  # (n B, T, D), (n B, T)
-    context = context.to(device=device, dtype=dtype)
-    context_mask = context_mask.to(device)
     guidance = torch.full((batch,), float(cfg), device=device) if config.sprint else None
     perturbed = None
     if use_pag:
         perturbed = torch.zeros(n * batch, dtype=torch.bool, device=device)
         perturbed[-batch:] = True  # the last group: cond with identity self-attention
+    layers = tuple(pag_layers) if use_pag else ()
+    scales = torch.tensor([cfg, pag_scale], dtype=torch.float32, device=device)  # tensors: a graph serves any value
 
-    def velocity_fn(x, t):  # x (B, 32, h, w) float32, t (B,) flow time
-        out = transformer(torch.cat([x] * n).to(dtype), (t * samplers.NUM_TRAIN_TIMESTEPS).repeat(n), context,
-                          context_mask, guidance, perturbed=perturbed,
-                          perturbed_layers=tuple(pag_layers) if use_pag else ())
+    def velocity(x, t, caption, guidance, perturbed, scales):  # x (B, 32, h, w) float32, t (B,) flow time
+        out = transformer(torch.cat([x] * n).to(dtype), (t * samplers.NUM_TRAIN_TIMESTEPS).repeat(n), caption,
+                          None, guidance, perturbed=perturbed, perturbed_layers=layers)
         out = out.float().chunk(n)  # guidance arithmetic in float32, in diffusers' order
         c = out[1] if use_cfg else out[0]
-        v = out[0] + cfg * (c - out[0]) if use_cfg else c
-        return v + pag_scale * (c - out[-1]) if use_pag else v
+        v = out[0] + scales[0] * (c - out[0]) if use_cfg else c
+        return v + scales[1] * (c - out[-1]) if use_pag else v
 
     generator = None
     if sampler == "scm":
@@ -119,11 +121,15 @@ def sample_latents(transformer, noise, cond, cond_mask, uncond=None, uncond_mask
         torch.randn(noise.shape, generator=generator)  # the initial noise's draw; step noise follows it
     try:
         with torch.no_grad():
-            return samplers.sample(velocity_fn, noise.to(device), sampler=sampler, steps=steps, shift=shift,
+            caption = transformer.encode_caption(context.to(device), context_mask.to(device))  # once per sample
+            step = graphs.GraphedStep(velocity, (caption, guidance, perturbed, scales), module=transformer,
+                                      key=("velocity", n, use_cfg, use_pag, layers), enabled=cuda_graphs,
+                                      tokens=n * batch * noise.shape[-2] * noise.shape[-1])
+            return samplers.sample(step, noise.to(device), sampler=sampler, steps=steps, shift=shift,
                                    denoise=denoise, latent=latent, generator=generator, callback=callback,
                                    integer_timesteps=integer_timesteps)
     except BaseException:
-        context = context_mask = guidance = perturbed = noise = latent = cond = uncond = None  # free early
+        context = context_mask = guidance = perturbed = noise = latent = cond = uncond = caption = step = None
         raise
 
 
@@ -230,6 +236,7 @@ class SanaPipeline:
         if output == "latent":
             return latent
         with torch.no_grad():
+            self._release_graphs_if_short(latent)
             pixels = self.autoencoder.decode_auto(latent)  # float32 latent: it unscales before casting
         if not torch.isfinite(pixels).all():
             raise FloatingPointError("the autoencoder produced NaN or infinite pixels; it probably overflowed in "
@@ -312,6 +319,17 @@ class SanaPipeline:
             self.text_encoder.offload()
             self._text_encoder_offloaded = True
             torch.cuda.empty_cache()
+
+    def _release_graphs_if_short(self, latent):
+        """The cached CUDA graphs' memory pool looks free to decode_auto but is not: give it back when an
+        untiled decode (estimate) would need it."""
+        device = torch.device(self.autoencoder.device)
+        held = graphs.held_bytes(device)
+        if device.type == "cuda" and held:
+            need = DECODE_BYTES_PER_PIXEL * latent.shape[0] * latent.shape[-2] * latent.shape[-1] \
+                * resolution.LATENT_FACTOR ** 2
+            if graphs.free_bytes(device) - held < need:
+                graphs.release()
 
     def _encode_image(self, image, width, height, batch):
         pixels = image_to_tensor(image)  # (b, 3, H, W) in [0, 1]

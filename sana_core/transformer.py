@@ -13,14 +13,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import LINEAR_ATTENTION_EPS, adaln, depthwise_conv_glu, linear_attention
 from .checkpoints import (CheckpointError, default_device, default_dtype, describe, guess_component,
                           load_weights, read_checkpoint, strip_prefix)
+from .kernels import adaln, depthwise_conv_glu, gated_residual_adaln, linear_attention  # Triton on CUDA, else twins
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,10 @@ GUIDANCE_EMBED_SCALE = 0.1  # official `cfg_embed_scale`, diffusers `guidance_em
 CROSS_HEADS = {1152: 16, 2240: 20}  # width -> cross-attention heads of the published models
 PE_BY_RESOLUTION = {2048: (1.0, 64), 4096: (2.0, 128)}  # image side -> (pe_interpolation, base_size)
 SIZES = {(28, 1152): "0.6b", (20, 2240): "1.6b", (60, 2240): "4.8b"}  # (depth, width) -> name
+# Added to the linear attention's denominator: diffusers' 1e-15 (the official blocks use 1e-8; with float32
+# sums the two differ only when a query is orthogonal to every key, where both give an output of 0).
+LINEAR_ATTENTION_EPS = 1e-15
+FP16_MAX = 65504.0  # float16 models clamp the residual stream and attention output to this (as diffusers)
 
 
 @dataclass
@@ -153,7 +158,7 @@ class LinearAttention(nn.Module):
         if perturbed is not None:  # PAG: identity attention (output = V) for the marked samples
             out = torch.where(perturbed[:, None, None], v, out)
         out = self.proj(out)
-        return out.clamp(-65504, 65504) if out.dtype == torch.float16 else out
+        return out.clamp(-FP16_MAX, FP16_MAX) if out.dtype == torch.float16 else out
 
 
 class CrossAttention(nn.Module):
@@ -168,14 +173,41 @@ class CrossAttention(nn.Module):
         self.q_norm = RMSNorm(width, dtype=dtype, device=device) if qk_norm else None
         self.k_norm = RMSNorm(width, dtype=dtype, device=device) if qk_norm else None
 
-    def forward(self, x, y, keep=None):  # x (B, N, C), y (B, T, C), keep (B, 1, 1, T) bool or None
-        q = self.q_linear(x)
+    def caption_kv(self, y):  # y (B, T, C) -> k, v (B, heads, T, d) each: the text side, the same at every step
         k, v = self.kv_linear(y).chunk(2, dim=-1)  # (B, T, C) each
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return tuple(t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (k, v))
+
+    def forward(self, x, kv, keep=None):  # x (B, N, C), kv from caption_kv, keep (B, 1, 1, T) bool or None
+        q = self.q_linear(x)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, *, d)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, heads, N, d)
+            q = self.q_norm(q)
+        q = q.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, N, d)
+        out = F.scaled_dot_product_attention(q, *kv, attn_mask=keep)  # (B, heads, N, d)
         return self.proj(out.transpose(1, 2).flatten(2))  # (B, N, C)
+
+
+class Caption(NamedTuple):
+    """The caption side of every block's cross-attention: constant over the sampling steps, so the
+    sampler computes it once per prompt (SanaTransformer.encode_caption) and passes it as `context`."""
+    kv: tuple  # per block: (k, v), each (B, heads, T, d)
+    keep: torch.Tensor | None  # (B, 1, 1, T) bool: the caption tokens attended to; None: all
+
+
+def residual_adaln(x, residual, shift, scale):
+    """The seam between two sub-layers: x + gate * y for residual = (gate, y) (gate None: x + y), then
+    the next adaLN of it, in one pass over the tokens. Returns (x, adaln(x)). residual None: no add.
+    float16 clamps the residual stream to its range before the norm (diffusers clamps after each block)."""
+    if residual is None:
+        return x, adaln(x, shift, scale)
+    gate, y = residual
+    if x.dtype == torch.float16:
+        x = (x + y if gate is None else torch.addcmul(x, gate, y)).clamp_(-FP16_MAX, FP16_MAX)
+        return x, adaln(x, shift, scale)
+    if gate is None:
+        gate = x.new_ones(x.shape[-1])
+    return gated_residual_adaln(x, y, gate, shift, scale)
 
 
 class ConvLayer(nn.Module):
@@ -199,7 +231,7 @@ class MixFFN(nn.Module):
 
     def forward(self, x, h, w):  # (B, N, C)
         inv, depth = self.inverted_conv.conv, self.depth_conv.conv
-        x = F.silu(F.linear(x, inv.weight.flatten(1), inv.bias))  # (B, N, 2H)
+        x = F.silu(F.linear(x, inv.weight.flatten(1), inv.bias), inplace=True)  # (B, N, 2H)
         x = depthwise_conv_glu(x, depth.weight, depth.bias, h, w)  # (B, N, H)
         return F.linear(x, self.point_conv.conv.weight.flatten(1))  # (B, N, C)
 
@@ -215,14 +247,17 @@ class Block(nn.Module):
         self.cross_attn = CrossAttention(cfg.width, cfg.cross_heads, cfg.qk_norm, **kw)
         self.mlp = MixFFN(cfg.width, cfg.mlp_hidden, **kw)
 
-    def forward(self, x, y, keep, t0, h, w, perturbed=None):  # x (B, N, C), t0 (B, 6C)
+    def forward(self, x, residual, kv, keep, t0, h, w, perturbed=None):
+        """x (B, N, C) residual stream; residual: (gate, y) the previous block's gated Mix-FFN output, still
+        to be added to x (fused with this block's first adaLN), or None; kv, keep: this block's caption
+        side; t0 (B, 6C). Returns (x, (gate_mlp, mix_ffn_out)): the last residual is left to the caller."""
         B, N, C = x.shape
         mod = self.scale_shift_table[None] + t0.reshape(B, 6, C)  # (B, 6, C)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # (B, 1, C) each
-        x = x + gate_msa * self.attn(adaln(x, shift_msa, scale_msa), perturbed)
-        x = x + self.cross_attn(x, y, keep)
-        x = x + gate_mlp * self.mlp(adaln(x, shift_mlp, scale_mlp), h, w)
-        return x.clamp(-65504, 65504) if x.dtype == torch.float16 else x
+        x, normed = residual_adaln(x, residual, shift_msa, scale_msa)
+        x = torch.addcmul(x, gate_msa, self.attn(normed, perturbed))  # x + gate_msa * attn
+        x, normed = residual_adaln(x, (None, self.cross_attn(x, kv, keep)), shift_mlp, scale_mlp)
+        return x, (gate_mlp, self.mlp(normed, h, w))
 
 
 class FinalLayer(nn.Module):
@@ -231,9 +266,9 @@ class FinalLayer(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.zeros(2, width, dtype=dtype, device=device))
         self.linear = nn.Linear(width, out_channels, dtype=dtype, device=device)
 
-    def forward(self, x, t):  # x (B, N, C), t (B, C): the timestep embedding before t_block
+    def forward(self, x, residual, t):  # x (B, N, C) + the last block's residual, t (B, C): timestep embedding
         shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # (B, 1, C) each
-        return self.linear(adaln(x, shift, scale))  # (B, N, out)
+        return self.linear(residual_adaln(x, residual, shift, scale)[1])  # (B, N, out)
 
 
 class SanaTransformer(nn.Module):
@@ -268,16 +303,36 @@ class SanaTransformer(nn.Module):
             self._pos_embed = key + (pe[None].to(device=device, dtype=dtype),)
         return self._pos_embed[4]
 
+    def encode_caption(self, context, context_mask=None) -> Caption:
+        """The caption side of every cross-attention (caption embedder, norm, each block's k/v): the same
+        at every sampling step, so samplers compute it once and pass the Caption as `context`.
+        context (B, T, caption_dim) Gemma hidden states; context_mask (B, T) 1 real / 0 padding or None."""
+        cfg = self.config
+        if context.ndim != 3 or context.shape[2] != cfg.caption_dim:
+            raise ValueError(f"context has shape {list(context.shape)}; this model expects [B, T, {cfg.caption_dim}] "
+                             f"(text-encoder hidden states of width {cfg.caption_dim})")
+        if context_mask is not None and tuple(context_mask.shape) != tuple(context.shape[:2]):
+            raise ValueError(f"context_mask has shape {list(context_mask.shape)}; expected {list(context.shape[:2])}")
+        y = self.attention_y_norm(self.y_embedder(context.to(device=self.device, dtype=self.dtype)))  # (B, T, C)
+        keep = None
+        if context_mask is not None:
+            keep = context_mask.to(y.device).bool()
+            keep = keep | ~keep.any(dim=1, keepdim=True)  # an all-padding caption attends to everything (no NaN)
+            keep = keep[:, None, None, :]  # (B, 1, 1, T)
+        return Caption(tuple(block.cross_attn.caption_kv(y) for block in self.blocks), keep)
+
     def forward(self, x, timestep, context, context_mask=None, guidance=None, *, perturbed=None,
                 perturbed_layers=()):
         """x (B, 32, h, w) latent; timestep (B,) flow time t in [0, 1] times 1000; context (B, T, 2304)
-        Gemma hidden states; context_mask (B, T) 1 real / 0 padding; guidance (B,) raw guidance
-        scale, Sprint models only; perturbed (B,) bool: samples whose self-attention is the
-        identity on V in the blocks `perturbed_layers` (PAG). Returns the velocity, x's dtype."""
+        Gemma hidden states, or the Caption that encode_caption made of them (then no context_mask);
+        context_mask (B, T) 1 real / 0 padding; guidance (B,) raw guidance scale, Sprint models only;
+        perturbed (B,) bool: samples whose self-attention is the identity on V in the blocks
+        `perturbed_layers` (PAG). Returns the velocity, x's dtype."""
         cfg = self.config
         timestep = torch.as_tensor(timestep, device=x.device)
         guidance = None if guidance is None else torch.as_tensor(guidance, device=x.device)
         B, h, w = self._check_inputs(x, timestep, context, context_mask, guidance, perturbed, perturbed_layers)
+        caption = context if isinstance(context, Caption) else self.encode_caption(context, context_mask)
         dtype, out_dtype = self.dtype, x.dtype
         timestep = timestep.reshape(-1).expand(B)
 
@@ -291,18 +346,13 @@ class SanaTransformer(nn.Module):
             t = self.t_embedder(timestep)  # (B, C)
         t0 = self.t_block(t)  # (B, 6C)
 
-        y = self.attention_y_norm(self.y_embedder(context.to(dtype)))  # (B, T, C)
-        keep = None
-        if context_mask is not None:
-            keep = context_mask.bool()
-            keep = keep | ~keep.any(dim=1, keepdim=True)  # an all-padding caption attends to everything (no NaN)
-            keep = keep[:, None, None, :]  # (B, 1, 1, T)
-
         perturbed_layers = set(perturbed_layers) if perturbed is not None else ()
-        for i, block in enumerate(self.blocks):
-            tokens = block(tokens, y, keep, t0, h, w, perturbed if i in perturbed_layers else None)
+        residual = None  # each block's gated Mix-FFN output is added by the next norm (one pass)
+        for i, (block, kv) in enumerate(zip(self.blocks, caption.kv)):
+            tokens, residual = block(tokens, residual, kv, caption.keep, t0, h, w,
+                                     perturbed if i in perturbed_layers else None)
 
-        out = self.final_layer(tokens, t)  # (B, N, 32)
+        out = self.final_layer(tokens, residual, t)  # (B, N, 32)
         return out.transpose(1, 2).unflatten(2, (h, w)).to(out_dtype)  # (B, 32, h, w)
 
     def _check_inputs(self, x, timestep, context, context_mask, guidance, perturbed, perturbed_layers):
@@ -311,10 +361,16 @@ class SanaTransformer(nn.Module):
             raise ValueError(f"latent has shape {list(x.shape)}; this model expects [B, {cfg.in_channels}, h, w] "
                              f"(a DC-AE f32c32 latent, 1/32 of the image size)")
         B, _, h, w = x.shape
-        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.caption_dim:
+        if isinstance(context, Caption):
+            if context_mask is not None:
+                raise ValueError("context is an encoded Caption (its mask is inside): pass context_mask=None")
+            if len(context.kv) != cfg.depth or context.kv[0][0].shape[0] != B:
+                raise ValueError(f"the Caption holds {len(context.kv)} blocks x batch {context.kv[0][0].shape[0]}; "
+                                 f"this model needs {cfg.depth} blocks x batch {B}: encode it with this model")
+        elif context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.caption_dim:
             raise ValueError(f"context has shape {list(context.shape)}; this model expects [{B}, T, {cfg.caption_dim}] "
                              f"(text-encoder hidden states of width {cfg.caption_dim}, one row per latent)")
-        if context_mask is not None and tuple(context_mask.shape) != tuple(context.shape[:2]):
+        elif context_mask is not None and tuple(context_mask.shape) != tuple(context.shape[:2]):
             raise ValueError(f"context_mask has shape {list(context_mask.shape)}; expected {list(context.shape[:2])}")
         if timestep.numel() not in (1, B):
             raise ValueError(f"timestep has {timestep.numel()} values for a batch of {B}")

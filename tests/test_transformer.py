@@ -215,7 +215,7 @@ def test_pag_identity_attention_equals_diffusers(files):
 def test_linear_attention_sums_are_float32_in_half_precision():
     """4096 tokens with |q|, |k| ~ 30: the sums overflow fp16 (a naive fp16 K^T V is inf), ours stay
     finite and equal the float64 result to fp16 precision."""
-    from sana_core.attention import linear_attention
+    from sana_core.kernels import linear_attention  # what the model calls (the PyTorch twin on the CPU)
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (30 * torch.randn(1, 4096, 64, generator=g) for _ in range(3))
@@ -266,3 +266,22 @@ def test_full_size_configs_match_diffusers_and_published_counts(name):
     settings = {"pe_interpolation": cfg.pe_interpolation, "base_size": cfg.base_size}
     detected = detect_config(ours.state_dict(), settings)
     assert detected == cfg and detected.variant == name
+
+
+@pytest.mark.parametrize("name", ["sana-1.5-qk-norm", "sprint"])
+def test_encoded_caption_gives_the_same_velocity_as_raw_context(name):
+    """Samplers encode the caption side once (encode_caption) and pass the Caption at every step: the
+    same velocity, bit for bit, as passing the hidden states and mask; a Caption plus a mask, or one
+    encoded for another batch, is refused."""
+    cfg = VARIANTS[name]
+    model = SanaTransformer(cfg)
+    model.load_state_dict(random_state_dict(cfg, seed=2))
+    x, context, mask = inputs(cfg)
+    t, kw = torch.tensor([730.0, 50.0]), dict(guidance=torch.tensor([4.5, 3.0])) if cfg.sprint else {}
+    with torch.no_grad():
+        caption = model.encode_caption(context, mask)
+        assert torch.equal(model(x, t, caption, **kw), model(x, t, context, mask, **kw))
+        with pytest.raises(ValueError, match="context_mask=None"):
+            model(x, t, caption, mask, **kw)
+        with pytest.raises(ValueError, match="batch"):
+            model(x[:1], t[:1], caption, **({"guidance": kw["guidance"][:1]} if kw else {}))

@@ -1,0 +1,274 @@
+"""CUDA graphs for the sampling step: the whole guided DiT call (CFG/PAG batch + guidance arithmetic)
+replayed as one graph, so that a 20-step sample has no per-layer launch gaps.
+
+    step = GraphedStep(fn, constants, module=transformer, key=("velocity", ...), tokens=n * B * h * w)
+    v = step(x, t)      # fn(x, t, *constants): eager on the first call (warm-up), captured, then replayed
+    release()           # drop every cached graph and give its memory back (before a big decode, on unload)
+
+What a graph holds and when it is dropped:
+- A graph replays fixed device addresses: its static inputs (copied in at every call), its constants
+  (copied in once per GraphedStep, i.e. once per sampling call: the caption's k/v, masks, scales) and
+  the module's weights and buffers. The weights are named by `fingerprint(module)` (device, dtype, shape
+  and address of every parameter and buffer), taken once per GraphedStep: when it differs from the one a
+  cached graph was captured with (weights offloaded and reloaded, partially too; cast to another dtype;
+  tensors swapped), that module's graphs are dropped and the step is captured again.
+- The cache keeps at most MAX_GRAPHS graphs (least recently used dropped first), all sharing one memory
+  pool per device (they never run at the same time), and is emptied before a capture when free device
+  memory is under MIN_FREE_BYTES.
+- Eager instead (reason in `GraphedStep.reason`): graphs switched off (SANA_CUDA_GRAPHS=0 or enabled=False),
+  inputs not on a CUDA device, weights not all on the inputs' device (a partially loaded model), steps
+  larger than MAX_TOKENS latent tokens (compute-bound: launch gaps are under 1% there, and the graph's
+  memory pool would be gigabytes), autograd on, already inside a capture, a step that synchronises
+  with the host (.item(), a pageable copy: seen in the warm-up, before any capture), or an earlier capture
+  in this process that raised.
+"""
+import contextlib
+import itertools
+import logging
+import os
+import warnings
+import weakref
+from collections import OrderedDict
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MAX_GRAPHS = 4  # cached graphs (each a size x batch x guidance setting); least recently used dropped first
+MAX_TOKENS = 8192  # latent tokens per DiT call (batch x CFG/PAG groups x h x w), e.g. 2048 px with CFG at batch 1
+MIN_FREE_BYTES = 2 << 30  # free device memory under which every cached graph is dropped before a capture
+ENV = "SANA_CUDA_GRAPHS"  # "0" / "false" / "off": never capture
+BROKEN = ""  # why capturing stopped for this process (a capture that raised half way), or ""
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def fingerprint(module) -> tuple:
+    """(device, dtype, shape, address) of every parameter and buffer of `module`: what a captured graph
+    reads. Any move, cast or swap of a weight gives a different fingerprint."""
+    return tuple((t.device, t.dtype, tuple(t.shape), t.data_ptr())
+                 for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+def _map(fn, obj):
+    """fn applied to every tensor in nested tuples/lists/NamedTuples (anything else kept)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_map(fn, o) for o in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map(fn, o) for o in obj)
+    return obj
+
+
+def _tensors(obj) -> list:
+    found = []
+    _map(found.append, obj)
+    return found
+
+
+def signature(obj) -> tuple:
+    """Shapes, dtypes, devices and nesting of the tensors in `obj`: equal signatures fit one graph."""
+    if isinstance(obj, torch.Tensor):
+        return ("T", tuple(obj.shape), obj.dtype, obj.device)
+    if isinstance(obj, (tuple, list)):
+        return (type(obj).__name__,) + tuple(signature(o) for o in obj)
+    return ("V", obj)
+
+
+def free_bytes(device) -> int:
+    """Device memory a new allocation can get: free on the device plus what PyTorch holds unused."""
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _warm_up(fn, inputs, constants):
+    """(fn(*inputs, *constants), description of the first host synchronisation it made or ""). Checked
+    before capturing: a sync inside a capture invalidates it, and a capture that raises leaves PyTorch's
+    allocator and RNG capture state half-open."""
+    if not inputs[0].is_cuda:
+        return fn(*inputs, *constants), ""
+    mode = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = fn(*inputs, *constants)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    return out, syncs[0][:200] if syncs else ""
+
+
+class CapturedCall:
+    """One captured call fn(*inputs, *constants) with its static inputs, constants and output."""
+
+    def __init__(self, fn, inputs, constants, pool):
+        self.inputs = [t.clone() for t in inputs]  # allocated outside the graph's pool
+        self.constants = _map(torch.clone, constants)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.output = fn(*self.inputs, *self.constants)
+
+    def load_constants(self, constants) -> None:
+        for static, value in zip(_tensors(self.constants), _tensors(constants)):
+            static.copy_(value)
+
+    def __call__(self, inputs):
+        for static, value in zip(self.inputs, inputs):
+            static.copy_(value)
+        self.graph.replay()
+        return _map(torch.clone, self.output)  # the next replay (of any graph in the pool) overwrites it
+
+
+class GraphCache:
+    """LRU of captured calls, keyed by (module, caller's key, input and constant signatures); each entry
+    remembers the module fingerprint it was captured with."""
+
+    def __init__(self, max_graphs: int = MAX_GRAPHS):
+        self.max_graphs = max_graphs
+        self.entries = OrderedDict()  # key -> (weakref to module, fingerprint, captured call)
+        self.pools = {}  # device -> memory pool shared by this cache's graphs
+        self.pool_bytes = {}  # device -> device memory reserved while capturing (an estimate of the pools)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def get(self, key, module, fp):
+        """The captured call for `key` when it was captured with the weights `fp`, else None (and
+        every graph of `module` captured with other weights is dropped: their addresses are stale)."""
+        self._drop_dead()
+        entry = self.entries.get(key)
+        if entry is not None and entry[1] == fp:
+            self.entries.move_to_end(key)
+            return entry[2]
+        self.drop_stale(module, fp)
+        return None
+
+    def add(self, key, module, fp, make, device):
+        """Capture with make(pool) and keep it, making room first (LRU bound; all dropped when free
+        device memory is short)."""
+        self.drop_stale(module, fp)
+        if device.type == "cuda" and free_bytes(device) < MIN_FREE_BYTES and self.entries:
+            log.info("CUDA graphs: free memory is short, dropping %d cached graph(s)", len(self.entries))
+            self.clear()
+            torch.cuda.empty_cache()
+        while len(self.entries) >= max(self.max_graphs, 1):
+            self.entries.popitem(last=False)
+        if not self.entries:
+            self.pools.pop(device, None)
+            self.pool_bytes.pop(device, None)
+        if device.type == "cuda" and device not in self.pools:
+            self.pools[device] = torch.cuda.graph_pool_handle()
+        reserved = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
+        captured = make(self.pools.get(device))
+        if device.type == "cuda":
+            self.pool_bytes[device] = self.pool_bytes.get(device, 0) + torch.cuda.memory_reserved(device) - reserved
+        self.entries[key] = (weakref.ref(module), fp, captured)
+        return captured
+
+    def drop_stale(self, module, fp) -> None:
+        for key in [k for k, (ref, f, _) in self.entries.items() if ref() is module and f != fp]:
+            del self.entries[key]
+
+    def _drop_dead(self) -> None:
+        for key in [k for k, (ref, _, _) in self.entries.items() if ref() is None]:
+            del self.entries[key]
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.pools.clear()
+        self.pool_bytes.clear()
+
+
+CACHE = GraphCache()
+
+
+def release() -> None:
+    """Drop every cached graph and return its memory to the device (e.g. before decoding a large image, or
+    when the model is unloaded)."""
+    had = len(CACHE)
+    CACHE.clear()
+    if had and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def held_bytes(device) -> int:
+    """Device memory the cached graphs' pool holds on `device` (estimated at capture; 0 when none)."""
+    return CACHE.pool_bytes.get(torch.device(device), 0) if len(CACHE) else 0
+
+
+class GraphedStep:
+    """step(*inputs) = fn(*inputs, *constants), replayed from a CUDA graph when possible.
+
+    fn must be a pure function of its tensor arguments (no host synchronisation, no data-dependent
+    Python branching) that reads `module`'s weights; `constants` (nested tuples of tensors) stay the same
+    for the life of this GraphedStep (one sampling call); `key` names what else the captured work
+    depends on (guidance layout, perturbed layers, ...). tokens: the step's size, for MAX_TOKENS."""
+
+    def __init__(self, fn, constants, *, module, key, tokens: int, enabled: bool | None = None, cache=None):
+        self.fn, self.constants, self.module = fn, constants, module
+        self.key, self.tokens = key, tokens
+        self.cache = CACHE if cache is None else cache
+        self.enabled = enabled_by_env() if enabled is None else enabled
+        self.fingerprint = fingerprint(module) if self.enabled else None  # once per sampling call
+        self.captured = None  # the graph this step replays, once found or captured
+        self.reason = None  # why it runs eagerly, once decided
+        self.captures = 0  # graphs captured by this step (0 or 1)
+        self.warm_ups = 0  # eager warm-ups that synchronised with the host
+
+    def __call__(self, *inputs):
+        global BROKEN
+        if self.captured is not None:
+            return self.captured(inputs)
+        if self.reason is None:
+            self.reason = self._why_eager(inputs)
+        if self.reason:
+            return self.fn(*inputs, *self.constants)
+        key = (id(self.module), self.key, signature(inputs), signature(self.constants))
+        captured = self.cache.get(key, self.module, self.fingerprint)
+        if captured is not None:
+            captured.load_constants(self.constants)
+            self.captured = captured
+            return captured(inputs)
+        out, synced = _warm_up(self.fn, inputs, self.constants)  # lazy init, kernel compiles: this step's result
+        if synced:  # a host sync would break the capture (and leave PyTorch's capture state inconsistent)
+            self.warm_ups += 1
+            if self.warm_ups >= 2:  # not just a first-call cache fill: never capturable
+                self.reason = f"the step synchronises with the host ({synced})"
+                log.warning("CUDA graphs: %s; sampling continues without graphs", self.reason)
+            return out
+        device = inputs[0].device
+        try:
+            self.captured = self.cache.add(key, self.module, self.fingerprint,
+                                           lambda pool: CapturedCall(self.fn, inputs, self.constants, pool), device)
+            self.captures += 1
+        except Exception as e:  # a capture that failed half way: stop capturing in this process
+            BROKEN = self.reason = f"capture failed ({type(e).__name__}: {str(e)[:200]})"
+            log.error("CUDA graphs: %s; graphs are off for the rest of this process", self.reason)
+            pool = self.cache.pools.get(device)
+            self.cache.clear()
+            with contextlib.suppress(Exception):  # what torch's capture_end skips when it raises
+                torch._C._cuda_endAllocateToPool(device.index or 0, pool)
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize(device)
+        return out
+
+    def _why_eager(self, inputs) -> str:
+        if not self.enabled:
+            return f"CUDA graphs are off ({ENV}=0 or cuda_graphs=False)"
+        if BROKEN:
+            return f"an earlier {BROKEN}"
+        device = inputs[0].device
+        if device.type != "cuda" or not all(t.device == device for t in _tensors((inputs, self.constants))):
+            return f"inputs on {device}, not all on one CUDA device"
+        if any(d != device for d, *_ in self.fingerprint):
+            return f"the model's weights are not all on {device} (partially loaded or offloaded)"
+        if self.tokens > MAX_TOKENS:
+            return f"{self.tokens} latent tokens per call > {MAX_TOKENS}: compute-bound, launch gaps are negligible"
+        if torch.is_grad_enabled():
+            return "autograd is on (sampling runs under torch.no_grad())"
+        if torch.cuda.is_current_stream_capturing():
+            return "already inside a CUDA graph capture"
+        return ""

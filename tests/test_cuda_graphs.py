@@ -1,0 +1,185 @@
+"""sana_core.cuda_graphs without a GPU: when a step runs eagerly, how graphs are keyed, reused,
+invalidated when the weights move or change dtype, and bounded. The capture itself is replaced by a
+stand-in that records what it was given and "replays" by calling the function on its static buffers;
+the real capture is checked on the GPU by bench/bench.py --rows smoke."""
+import pytest
+import torch
+import torch.nn as nn
+
+from sana_core import cuda_graphs as cg
+from sana_core.pipeline import sample_latents
+from sana_core.transformer import SanaConfig, SanaTransformer, random_state_dict
+
+
+class StandIn(cg.CapturedCall):
+    """CapturedCall without CUDA: static copies of inputs and constants, replay = fn on them."""
+    made = []
+
+    def __init__(self, fn, inputs, constants, pool):
+        self.fn = fn
+        self.inputs = [t.clone() for t in inputs]
+        self.constants = cg._map(torch.clone, constants)
+        self.replays = 0
+        StandIn.made.append(self)
+
+    def __call__(self, inputs):
+        for static, value in zip(self.inputs, inputs):
+            static.copy_(value)
+        self.replays += 1
+        return self.fn(*self.inputs, *self.constants)
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    """Capture allowed on the CPU, with the stand-in; a private cache."""
+    StandIn.made = []
+    monkeypatch.setattr(cg, "BROKEN", "")  # restored after the test, whatever a failed capture set
+    monkeypatch.setattr(cg, "CapturedCall", StandIn)
+    monkeypatch.setattr(cg.GraphedStep, "_why_eager", lambda self, inputs: "")
+    return cg.GraphCache(max_graphs=2)
+
+
+def model_and_fn():
+    lin = nn.Linear(4, 4)
+    calls = []
+
+    def fn(x, scale):
+        calls.append(1)
+        return lin(x) * scale
+    return lin, fn, calls
+
+
+def test_fingerprint_follows_moves_casts_and_swaps_not_in_place_updates():
+    lin = nn.Linear(4, 4)
+    fp = cg.fingerprint(lin)
+    assert cg.fingerprint(lin) == fp
+    with torch.no_grad():
+        lin.weight.mul_(2)  # same memory: a graph would read the new values, nothing to re-capture
+    assert cg.fingerprint(lin) == fp
+    lin.weight.data = lin.weight.data.clone()  # swapped (how a reload or a patcher replaces weights)
+    assert cg.fingerprint(lin) != fp
+    fp = cg.fingerprint(lin)
+    lin.to(torch.float64)
+    assert cg.fingerprint(lin) != fp
+
+
+def test_cpu_and_switch_off_run_eagerly_with_a_reason(monkeypatch):
+    lin, fn, calls = model_and_fn()
+    x, scale = torch.randn(2, 4), torch.tensor(3.0)
+    step = cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8)
+    assert torch.equal(step(x), fn(x, scale)) and "cuda" in step.reason.lower()
+    monkeypatch.setenv(cg.ENV, "0")
+    off = cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8)
+    off(x)
+    assert "off" in off.reason and off.fingerprint is None  # no fingerprint work when switched off
+    monkeypatch.setenv(cg.ENV, "1")
+    assert cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8).enabled
+    off = cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8, enabled=False)  # the argument wins
+    off(x)
+    assert "off" in off.reason
+
+
+def test_first_call_warms_up_and_captures_then_replays(standin):
+    lin, fn, calls = model_and_fn()
+    x, scale = torch.randn(2, 4), torch.tensor(3.0)
+    step = cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8, cache=standin)
+    out1 = step(x)  # eager warm-up (its result is the step's), then capture
+    assert torch.equal(out1, fn(x, scale)) and step.captures == 1 and len(standin) == 1
+    x2 = torch.randn(2, 4)
+    assert torch.equal(step(x2), fn(x2, scale)) and StandIn.made[0].replays == 1  # new input copied in
+    # a new sampling call (new constants, same shapes and weights) reuses the graph with its constants loaded
+    again = cg.GraphedStep(fn, (torch.tensor(5.0),), module=lin, key="k", tokens=8, cache=standin)
+    assert torch.equal(again(x2), fn(x2, torch.tensor(5.0))) and again.captures == 0 and len(StandIn.made) == 1
+
+
+def test_new_shape_or_key_captures_another_and_the_cache_is_bounded(standin):
+    lin, fn, _ = model_and_fn()
+    scale = torch.tensor(1.0)
+    for batch in (1, 2, 3):  # three shapes, room for two
+        cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8, cache=standin)(torch.randn(batch, 4))
+    assert len(StandIn.made) == 3 and len(standin) == 2
+    step = cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8, cache=standin)
+    step(torch.randn(1, 4))  # the least recently used (batch 1) was dropped: captured again
+    assert step.captures == 1
+    other = cg.GraphedStep(fn, (scale,), module=lin, key="other guidance", tokens=8, cache=standin)
+    other(torch.randn(1, 4))
+    assert other.captures == 1  # a different key never shares a graph
+
+
+def test_weights_that_move_or_change_dtype_drop_that_models_graphs(standin):
+    lin, fn, _ = model_and_fn()
+    keep, keep_fn, _ = model_and_fn()
+    x, scale = torch.randn(2, 4), torch.tensor(1.0)
+    cg.GraphedStep(keep_fn, (scale,), module=keep, key="k", tokens=8, cache=standin)(x)  # another model's graph
+    cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8, cache=standin)(x)
+    lin.weight.data = lin.weight.data.clone()  # offloaded and reloaded: new addresses
+    step = cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8, cache=standin)
+    assert torch.equal(step(x), fn(x, scale)) and step.captures == 1  # stale graph dropped, captured anew
+    assert len(standin) == 2  # the other model's graph is untouched
+    lin.to(torch.float64)
+    x64 = x.double()
+    step = cg.GraphedStep(fn, (scale.double(),), module=lin, key="k", tokens=8, cache=standin)
+    assert torch.equal(step(x64), fn(x64, scale.double())) and step.captures == 1
+    assert sum(ref() is lin for ref, _, _ in standin.entries.values()) == 1
+
+
+def test_a_deleted_models_graphs_go_at_the_next_lookup():
+    cache = cg.GraphCache(max_graphs=4)
+    gone, kept = nn.Linear(2, 2), nn.Linear(2, 2)
+    cache.add("a", gone, cg.fingerprint(gone), lambda pool: "graph a", torch.device("cpu"))
+    cache.add("b", kept, cg.fingerprint(kept), lambda pool: "graph b", torch.device("cpu"))
+    del gone
+    assert cache.get("b", kept, cg.fingerprint(kept)) == "graph b" and len(cache) == 1
+    cache.clear()
+    assert len(cache) == 0 and cg.held_bytes("cpu") == 0
+
+
+def test_a_failed_capture_falls_back_to_eager_for_the_whole_call(standin, monkeypatch):
+    lin, fn, calls = model_and_fn()
+
+    class Broken(StandIn):
+        def __init__(self, *a):
+            raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(cg, "CapturedCall", Broken)
+    x, scale = torch.randn(2, 4), torch.tensor(2.0)
+    step = cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8, cache=standin)
+    outs = [step(x) for _ in range(3)]
+    assert len(calls) == 3  # one eager run per step: the failed capture is not retried
+    assert all(torch.equal(o, fn(x, scale)) for o in outs)
+    assert step.reason.startswith("capture failed") and len(standin) == 0
+
+
+def test_a_step_that_syncs_with_the_host_is_never_captured(standin, monkeypatch):
+    """A warm-up that synchronised (e.g. .item()) is not captured; a second one that did too makes the
+    step eager for good (once could be a first-call cache fill)."""
+    lin, fn, calls = model_and_fn()
+    syncs = iter(["called a synchronizing CUDA operation", "called a synchronizing CUDA operation"])
+    monkeypatch.setattr(cg, "_warm_up", lambda f, i, c: (f(*i, *c), next(syncs, "")))
+    x, scale = torch.randn(2, 4), torch.tensor(2.0)
+    step = cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8, cache=standin)
+    assert torch.equal(step(x), fn(x, scale)) and not step.reason  # tried again at the next step
+    assert torch.equal(step(x), fn(x, scale)) and "synchronises" in step.reason
+    step(x)
+    assert len(StandIn.made) == 0 and not cg.BROKEN  # nothing captured, graphs still usable elsewhere
+
+
+def test_sampling_through_the_graph_path_equals_eager(standin, monkeypatch):
+    """sample_latents with its step captured (stand-in replay on static buffers, constants loaded once)
+    gives the eager result bit for bit, for CFG and CFG+PAG, and a second call reuses the graph."""
+    monkeypatch.setattr(cg, "CACHE", standin)
+    cfg = SanaConfig(depth=2, width=64, caption_dim=48, self_heads=2, cross_heads=2, mlp_hidden=160)
+    model = SanaTransformer(cfg)
+    model.load_state_dict(random_state_dict(cfg, seed=1))
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 32, 3, 2, generator=g)
+    cond, uncond = torch.randn(1, 7, 48, generator=g), torch.randn(1, 7, 48, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0]])
+    kw = dict(sampler="flow_dpm_solver", steps=4, shift=3.0, cfg=4.5)
+    for pag in (0.0, 2.0):
+        eager = sample_latents(model, noise, cond, mask, uncond, mask, pag_scale=pag, pag_layers=(1,), **kw,
+                               cuda_graphs=False)
+        made = len(StandIn.made)
+        graphed = sample_latents(model, noise, cond, mask, uncond, mask, pag_scale=pag, pag_layers=(1,), **kw)
+        assert len(StandIn.made) == made + 1 and torch.equal(graphed, eager)
+        again = sample_latents(model, noise, cond, mask, uncond, mask, pag_scale=pag, pag_layers=(1,), **kw)
+        assert len(StandIn.made) == made + 1 and torch.equal(again, eager)
