@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernels import dcae_linear_attention, depthwise_conv_glu  # Triton on CUDA, else their PyTorch twins
 from .checkpoints import (CheckpointError, default_device, default_dtype, describe, guess_component,
                           load_weights, read_checkpoint, strip_prefix)
 
@@ -59,37 +60,6 @@ FULL_CONFIG = DCAEConfig()  # dc-ae-f32c32-sana-1.0 and -1.1 (same architecture,
 
 # ---------------------------------------------------------------------------------------------
 # functional pieces
-
-
-def dcae_linear_attention(qkv: torch.Tensor, head_dim: int, *, eps: float = 1e-15, out: torch.Tensor = None):
-    """DC-AE's ReLU attention (efficientvit LiteMLA) over all positions of an image.
-
-    qkv: (B, heads * 3 * head_dim, H, W), per head its q, k, v channels in that order.
-    Returns (B, heads * head_dim, H, W) in qkv's dtype (written into `out` when given):
-    out_n = sum_m v_m relu(k_m).relu(q_n) / (sum_m relu(k_m).relu(q_n) + eps), computed in float32.
-    Linear form (V K^T and the K sum first) when H*W > head_dim; else the quadratic form, like
-    diffusers and efficientvit, so that tiny images give the same numbers.
-    """
-    B, _, H, W = qkv.shape
-    N, d = H * W, head_dim
-    q, k, v = qkv.reshape(B, -1, 3 * d, N).split(d, dim=2)  # (B, h, d, N) each, views
-    q = q.to(torch.float32, copy=True).relu_()
-    k = k.to(torch.float32, copy=True).relu_()
-    v = v.float()
-    if out is None:
-        out = qkv.new_empty(B, q.shape[1] * d, H, W)
-    o = out.view(B, -1, d, N)  # (B, h, d, N)
-    if N > d:
-        vk = torch.matmul(v, k.transpose(-1, -2))                         # (B, h, d, d)
-        vk = torch.cat([vk, k.sum(-1).unsqueeze(2)], dim=2)               # (B, h, d+1, d): last row K sum
-        del k, v
-        num = torch.matmul(vk, q)                                         # (B, h, d+1, N)
-        torch.div(num[:, :, :d], num[:, :, d:].add_(eps), out=o)
-    else:
-        scores = torch.matmul(k.transpose(-1, -2), q)                     # (B, h, N, N)
-        scores = scores / (scores.sum(dim=2, keepdim=True) + eps)
-        o.copy_(torch.matmul(v, scores))
-    return out
 
 
 def rms_norm_2d_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -203,10 +173,11 @@ class GLUMBConv(nn.Module):
 
     def _rows(self, x):
         h = F.silu(self.conv_inverted(x), inplace=True)                   # (B, 2M, h, W)
-        h = self.conv_depth(h)
-        a, gate = h.chunk(2, dim=1)
-        a = self.conv_point(a.mul_(F.silu(gate, inplace=True)))          # (B, C, h, W)
-        del h, gate
+        rows, width = h.shape[-2:]
+        depth = self.conv_depth
+        a = depthwise_conv_glu(h.flatten(2).transpose(1, 2), depth.weight, depth.bias, rows, width)  # (B, h*W, M)
+        del h
+        a = self.conv_point(a.transpose(1, 2).unflatten(2, (rows, width)))  # depthwise 3x3 + GLU done: (B, C, h, W)
         return self.norm(a).add_(x)
 
 
