@@ -183,3 +183,18 @@ def test_sampling_through_the_graph_path_equals_eager(standin, monkeypatch):
         assert len(StandIn.made) == made + 1 and torch.equal(graphed, eager)
         again = sample_latents(model, noise, cond, mask, uncond, mask, pag_scale=pag, pag_layers=(1,), **kw)
         assert len(StandIn.made) == made + 1 and torch.equal(again, eager)
+
+
+def test_weights_moved_hook_frees_graphs_and_position_cache(monkeypatch):
+    """ComfyUI's host calls model.clear_device_caches() after moving weights: graphs and the cached
+    position embedding (both tied to the old device memory) must go."""
+    cfg = SanaConfig(depth=1, width=64, caption_dim=48, self_heads=2, cross_heads=2, mlp_hidden=160,
+                     pe_interpolation=1.0, base_size=4)
+    model = SanaTransformer(cfg)
+    model.load_state_dict(random_state_dict(cfg, seed=1))
+    released = []
+    monkeypatch.setattr(cg, "release", lambda: released.append(1))
+    model(torch.randn(1, 32, 2, 3), torch.tensor([500.0]), torch.randn(1, 5, 48))
+    assert model._pos_embed is not None
+    model.clear_device_caches()
+    assert released == [1] and model._pos_embed is None
