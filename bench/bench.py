@@ -17,7 +17,6 @@ our models, and report per-phase peaks (encode / sample / decode). diffusers is 
 import argparse
 import contextlib
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -32,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
 BF16 = torch.bfloat16
 PROMPT = ("a cyberpunk cat with a neon sign that says sana, rain on the street, reflections, highly detailed, "
@@ -40,20 +38,7 @@ PROMPT = ("a cyberpunk cat with a neon sign that says sana, rain on the street, 
 # diffusers lowercases prompts, ours does not
 
 
-def import_sana():
-    """sana_core with sana_core.kernels mapped to kernels/ (what `pip install -e .` does), from this checkout."""
-    try:
-        import sana_core.kernels  # noqa: F401  (installed)
-    except ImportError:
-        sys.path.insert(0, str(ROOT))
-        spec = importlib.util.spec_from_file_location("sana_core.kernels", ROOT / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "kernels")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["sana_core.kernels"] = module
-        spec.loader.exec_module(module)
-    import sana_core
-    return sana_core
-
+from checkout import import_sana  # noqa: E402
 
 import_sana()
 from sana_core import cuda_graphs, pipeline as P, text_encoder as TE, transformer as T  # noqa: E402

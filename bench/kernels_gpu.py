@@ -12,13 +12,11 @@ Prints a table last and writes DIR/kernels_gpu.json. Needs torch + triton only (
 """
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import sys
 import time
 import traceback
-import types
 from pathlib import Path
 
 import torch
@@ -26,24 +24,13 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def import_kernels():
-    """sana_core.kernels from this checkout, without importing the rest of sana_core."""
-    if "sana_core" not in sys.modules:
-        pkg = types.ModuleType("sana_core")
-        pkg.__path__ = [str(ROOT / "sana_core")]
-        sys.modules["sana_core"] = pkg
-    spec = importlib.util.spec_from_file_location("sana_core.kernels", ROOT / "kernels" / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT / "kernels")])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["sana_core.kernels"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from checkout import import_sana  # noqa: E402
 
+import_sana()
+import sana_core.kernels as K  # noqa: E402
 
-K = import_kernels()
 DEV = "cuda"
 BF16, F32 = torch.bfloat16, torch.float32
 RESULTS = []

@@ -10,6 +10,7 @@ The node classes never import ComfyUI. They ask `current()` for a host, decided 
 
 Both give the same small interface; the SANA_* socket types carry a `ManagedModel`.
 """
+import importlib
 import logging
 import os
 import sys
@@ -40,12 +41,9 @@ def current():
     global _host
     if _host is None:
         try:
-            import comfy.model_management  # noqa: F401
-            import folder_paths  # noqa: F401
-        except ImportError:
-            _host = LocalHost(os.environ.get("SANA_MODELS_DIR", "models"))
-        else:
             _host = ComfyHost()
+        except ImportError:  # not running inside ComfyUI
+            _host = LocalHost(os.environ.get("SANA_MODELS_DIR", "models"))
     return _host
 
 
@@ -231,9 +229,13 @@ class ComfyHost:
     previews = True  # live previews on the sampler node
 
     def __init__(self):
-        import comfy.model_management as mm
-        import folder_paths
-        self.mm, self.folder_paths = mm, folder_paths
+        # ComfyUI's modules, imported here only (never at module level): ImportError outside ComfyUI.
+        self.mm = importlib.import_module("comfy.model_management")
+        self.folder_paths = importlib.import_module("folder_paths")
+        self.args = importlib.import_module("comfy.cli_args").args
+        self.model_patcher = importlib.import_module("comfy.model_patcher")
+        self.callbacks = importlib.import_module("comfy.patcher_extension").CallbacksMP
+        self.utils = importlib.import_module("comfy.utils")
 
     def roots(self, kind: str) -> list[Path]:
         return [Path(p) for folder in MODEL_FOLDERS[kind] for p in self._folder_paths(folder)]
@@ -268,8 +270,7 @@ class ComfyHost:
     def dtype(self, kind: str, choice: str, device) -> torch.dtype:
         if choice in DTYPES:
             return DTYPES[choice]
-        mm = self.mm
-        from comfy.cli_args import args
+        mm, args = self.mm, self.args
         if kind == "transformer":  # honours --bf16-unet / --fp32-unet ...; never fp8 compute here
             dtype = mm.unet_dtype(device, supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
             return dtype if dtype in DTYPES.values() else torch.bfloat16
@@ -283,10 +284,9 @@ class ComfyHost:
         return torch.bfloat16 if mm.should_use_bf16(device, prioritize_performance=False) else torch.float32
 
     def manage(self, kind, model, path, load_device, offload_device) -> ManagedModel:
-        import comfy.model_patcher
-        from comfy.patcher_extension import CallbacksMP
+        CallbacksMP = self.callbacks
         holder = SanaWeights(module_of(model), offload_device)
-        patcher = comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
+        patcher = self.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
         # ComfyUI may evict and reload the weights between (or within) prompts: whatever was
         # derived from their old place (captured graphs, cached tensors) must go.
         patcher.add_callback(CallbacksMP.ON_LOAD, lambda *_: _weights_moved(model))
@@ -311,8 +311,7 @@ class ComfyHost:
         return self.mm.intermediate_device()
 
     def progress(self, total: int, desc: str = ""):
-        import comfy.utils
-        bar = comfy.utils.ProgressBar(total)
+        bar = self.utils.ProgressBar(total)
 
         def update(step, total_, preview=None):
             bar.update_absolute(step, total_, preview)
@@ -326,8 +325,7 @@ class ComfyHost:
 
     @property
     def preview_size(self) -> int:
-        from comfy.cli_args import args
-        return args.preview_size
+        return self.args.preview_size
 
 
 class SanaWeights(torch.nn.Module):
