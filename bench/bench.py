@@ -16,6 +16,7 @@ our models, and report per-phase peaks (encode / sample / decode). diffusers is 
 """
 import argparse
 import contextlib
+import copy
 import gc
 import json
 import math
@@ -112,6 +113,37 @@ def extra_gib(fn):
     fn()
     sync()
     return (torch.cuda.max_memory_allocated() - base) / GiB
+
+
+def pool_gib():
+    """Device memory held by the cached CUDA graphs' pool (reserved, not in max_memory_allocated once captured)."""
+    return cuda_graphs.held_bytes(torch.device("cuda", torch.cuda.current_device())) / GiB
+
+
+def phase_ms(call, te, ae):
+    """Wall milliseconds per phase of one pipeline call(): prompt encoding, sampling, decoding and the rest
+    (noise, checks, the PIL images), the GPU synchronised at each phase's ends."""
+    times = {}
+
+    def timed(name, fn):
+        def run(*a, **k):
+            sync()
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            sync()
+            times[name] = times.get(name, 0.0) + 1000 * (time.perf_counter() - t0)
+            return out
+        return run
+    sample, decode = P.sample_latents, ae.decode_auto
+    P.sample_latents, te.encode, ae.decode_auto = timed("sample", sample), timed("encode", te.encode), \
+        timed("decode", decode)
+    try:
+        total, _ = wall_s(call)
+    finally:
+        P.sample_latents, ae.decode_auto = sample, decode
+        del te.encode
+    times["other"] = 1000 * total - sum(times.values())
+    return times
 
 
 def rel_err(a, b):
@@ -234,13 +266,31 @@ def our_text_encoder():
     config._attn_implementation = "eager"  # as load_text_encoder: soft-capped attention
     with torch.device(DEV), default_dtype(BF16):
         model = Gemma2Model(config)
-    return TE.TextEncoder(model.eval().requires_grad_(False), tokenizer)
+    return TE.TextEncoder(model.eval().requires_grad_(False), tokenizer).to(DEV)  # embedding table -> CPU
+
+
+class DiffusersGemma(torch.nn.Module):
+    """What diffusers runs: our Gemma's layers (the same weights) with the embedding table on the GPU, as
+    transformers places it; the layers are held outside the module tree so that the pipeline's device
+    is the GPU."""
+
+    def __init__(self, te):
+        super().__init__()
+        self.table = copy.deepcopy(te.model.embed_tokens).to(DEV)
+        object.__setattr__(self, "gemma", te.model)
+
+    @property
+    def dtype(self):
+        return self.gemma.norm.weight.dtype
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return self.gemma(inputs_embeds=self.table(input_ids), attention_mask=attention_mask, **kwargs)
 
 
 def diffusers_pipeline(te, ref_dit, ref_vae, shift):
     from diffusers import DPMSolverMultistepScheduler, SanaPipeline
     scheduler = DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction")
-    pipe = SanaPipeline(tokenizer=te.tokenizer, text_encoder=te.model, vae=ref_vae, transformer=ref_dit,
+    pipe = SanaPipeline(tokenizer=te.tokenizer, text_encoder=DiffusersGemma(te), vae=ref_vae, transformer=ref_dit,
                         scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -345,45 +395,49 @@ def row_dit(variant, px, compile_modes):
 
 @contextlib.contextmanager
 def dcae_variant(ae, variant):
-    """Bench-only experiments on our DC-AE, undone afterwards: "kernels" = sana_core.kernels' linear
-    attention and GLUMBConv middle (depthwise 3x3 + bias + GLU in one pass) instead of autoencoder.py's
-    PyTorch ops; "-cl" = weights in channels_last (cuDNN's NHWC convolutions)."""
-    import torch.nn.functional as F
-    from sana_core import kernels as K
-    attention, rows = AE.dcae_linear_attention, AE.GLUMBConv._rows
+    """Bench-only variants of our decode, undone afterwards: "as-is"; "eager" = no CUDA graph; "nchw" = the
+    local stages in NCHW instead of channels-last (eager); "cl-weights" = channels-last activations and
+    also channels-last conv weights in the local stages (eager; cuDNN then needs no weight transposes)."""
+    local_stages = AE.Decoder.local_stages
+    local = [*ae.decoder.up_blocks[:ae.decoder.first_global], ae.decoder.conv_out]
 
-    def glu_rows(self, x):
-        h = F.silu(self.conv_inverted(x), inplace=True)                      # (B, 2M, H, W)
-        H, W = h.shape[-2:]
-        a = K.depthwise_conv_glu(h.flatten(2).transpose(1, 2), self.conv_depth.weight, self.conv_depth.bias, H, W)
-        a = self.conv_point(a.transpose(1, 2).unflatten(2, (H, W)))          # (B, C, H, W)
-        return self.norm(a).add_(x)
-    if "kernels" in variant:
-        AE.dcae_linear_attention, AE.GLUMBConv._rows = K.dcae_linear_attention, glu_rows
-    if variant.endswith("-cl"):
-        ae.to(memory_format=torch.channels_last)
-    try:
-        yield
-    finally:
-        AE.dcae_linear_attention, AE.GLUMBConv._rows = attention, rows
-        if variant.endswith("-cl"):
-            ae.to(memory_format=torch.contiguous_format)
+    def nchw(self, x):  # Decoder.local_stages without its channels-last conversion
+        for i in reversed(range(self.first_global)):
+            for block in self.up_blocks[i]:
+                x = block(x)
+        return self.conv_out(torch.relu_(self.norm_out(x)))
+    with contextlib.ExitStack() as stack:
+        if variant != "as-is":
+            stack.enter_context(env(cuda_graphs.ENV, "0"))
+        if variant == "nchw":
+            AE.Decoder.local_stages = nchw
+        if variant == "cl-weights":
+            for m in local:
+                m.to(memory_format=torch.channels_last)
+        try:
+            yield
+        finally:
+            AE.Decoder.local_stages = local_stages
+            for m in local:
+                m.to(memory_format=torch.contiguous_format)
 
 
 def row_dcae_variants(px):
-    """Our decode as it is, with the kernels, and with kernels + channels_last: time and equality."""
+    """Our decode as it is, eager, with NCHW local stages, with channels-last weights: time and equality."""
     ours = our_dcae()
     latent = torch.randn(1, 32, px // 32, px // 32, generator=torch.Generator(device=DEV).manual_seed(0), device=DEV)
     base = ours.decode(latent)
     r = dict(kind="dcae-variants", px=px, tflop=dcae_flops(px) / 1e12)
-    for variant in ("as-is", "kernels", "kernels-cl", "cl"):
+    for variant in ("as-is", "eager", "nchw", "cl-weights"):
         with dcae_variant(ours, variant):
             r[f"{variant}_ms"] = time_ms(lambda: ours.decode(latent), budget_s=2)
             r[f"{variant}_rel_err"] = rel_err(ours.decode(latent), base)
             r[f"{variant}_extra_gib"] = extra_gib(lambda: ours.decode(latent))
-            if variant in ("as-is", "kernels-cl"):
-                r[f"{variant}_profile"] = profile(lambda: ours.decode(latent), top=8)
+            if variant in ("eager", "nchw"):
+                r[f"{variant}_profile"] = profile(lambda: ours.decode(latent), top=12)
+    r["graph_pool_gib"] = cuda_graphs.held_bytes(DEV) / GiB
     del ours
+    cuda_graphs.release()
     free_all()
     return r
 
@@ -393,6 +447,7 @@ def row_dcae(px, tiled):
     ref = diffusers_dcae(ours)
     g = torch.Generator(device=DEV).manual_seed(0)
     latent = torch.randn(1, 32, px // 32, px // 32, generator=g, device=DEV)  # the DiT's (scaled) float32 latent
+    cuda_graphs.release()
     r = dict(kind="dcae", px=px, tiled=tiled, tflop=dcae_flops(px) / 1e12)
     theirs = lambda: ref.decode((latent / 0.41407).to(BF16), return_dict=False)[0]  # noqa: E731
     r["rel_err_vs_diffusers_untiled"] = rel_err(ours.decode_tiled(latent) if tiled else ours.decode(latent),
@@ -412,7 +467,11 @@ def row_dcae(px, tiled):
     r["ours_extra_gib"] = extra_gib(ours_call)
     r["diffusers_ms"] = time_ms(theirs, budget_s=3)
     r["diffusers_extra_gib"] = extra_gib(theirs)
-    r["ours_peak_gib"] = r["ours_extra_gib"] + module_bytes(ours.decoder) / GiB
+    r["ours_graph_pool_gib"] = pool_gib()  # a captured decode's activations live in the graph's pool
+    r["ours_peak_gib"] = r["ours_extra_gib"] + r["ours_graph_pool_gib"] + module_bytes(ours.decoder) / GiB
+    if not tiled:
+        with env(cuda_graphs.ENV, "0"):
+            r["ours_eager_ms"] = time_ms(ours_call, budget_s=2)
     r["diffusers_peak_gib"] = r["diffusers_extra_gib"] + module_bytes(ref.decoder) / GiB
     if not tiled and px == 1024:
         try:
@@ -428,7 +487,8 @@ def row_dcae(px, tiled):
 def row_gemma():
     te = our_text_encoder()
     from diffusers import SanaPipeline
-    pipe = SanaPipeline(tokenizer=te.tokenizer, text_encoder=te.model, vae=None, transformer=None, scheduler=None)
+    pipe = SanaPipeline(tokenizer=te.tokenizer, text_encoder=DiffusersGemma(te), vae=None, transformer=None,
+                        scheduler=None)
     prompts = [PROMPT, PROMPT + " at night"]
     ours = lambda: te.encode(prompts)  # noqa: E731
     theirs = lambda: pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=DEV,  # noqa: E731
@@ -470,7 +530,8 @@ def row_e2e(variant, px):
     r["ours_first_image_s"] = first  # this process's first image (kernels compiled, graphs captured)
     r["ours_ms"] = 1000 * statistics.median(wall_s(ours_call)[0] for _ in range(reps))
     r["ours_mode"] = "cuda graphs" if 2 * (px // 32) ** 2 <= cuda_graphs.MAX_TOKENS else "eager"
-    r["ours_peak_gib"] = peak_gib(ours_call, foreign=module_bytes(ref_dit, ref_ae))
+    r["ours_phases_ms"] = phase_ms(ours_call, te, ae)
+    r["ours_peak_gib"] = peak_gib(ours_call, foreign=module_bytes(ref_dit, ref_ae)) + pool_gib()
     r["ours_no_graphs_ms"] = None
     if px <= 1024:
         with env(cuda_graphs.ENV, "0"):
@@ -623,11 +684,11 @@ def row_mem(variant, px):
         def run(*a, **k):
             sync()
             if name == "sample":  # the peak so far is the encode phase's (the call reset it at its start)
-                phases["encode"] = torch.cuda.max_memory_allocated() / GiB
+                phases["encode"] = torch.cuda.max_memory_allocated() / GiB + pool_gib()
             torch.cuda.reset_peak_memory_stats()
             out = fn(*a, **k)
             sync()
-            phases[name] = torch.cuda.max_memory_allocated() / GiB
+            phases[name] = torch.cuda.max_memory_allocated() / GiB + pool_gib()
             torch.cuda.reset_peak_memory_stats()
             return out
         return run

@@ -101,8 +101,9 @@ def _exact(device) -> torch.device:
 
 
 def module_of(model) -> torch.nn.Module:
-    """The nn.Module holding a sana_core object's weights (TextEncoder keeps them in .model)."""
-    return model if isinstance(model, torch.nn.Module) else model.model
+    """The nn.Module holding the weights a host moves between devices: the model itself, or for a
+    TextEncoder its `on_device` part (Gemma less its embedding table, which stays on the CPU)."""
+    return model if isinstance(model, torch.nn.Module) else model.on_device
 
 
 def _weights_moved(model) -> None:

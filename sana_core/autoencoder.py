@@ -11,6 +11,10 @@ splits it into to_q/to_k/to_v) and `attn.to_out.weight` is a 1x1 conv (C, 2*inne
 
 Memory: every block keeps its temporaries under WORK_BYTES by running on bands of rows (convolutions:
 exact, with the rows of context they need) or on groups of heads (attention: heads are independent).
+Layout: stages 0-2 and the head (most of the work, at up to full resolution) run channels-last, the
+layout cuDNN computes convolutions in (NCHW would be transposed around every convolution); stages 3-5
+stay NCHW for the attention and depthwise kernels. On a GPU, decodes up to GRAPH_LATENT_PIXELS (1024 px
+images) replay as one CUDA graph: there the decode is bound by kernel launches.
 Tiling: only stages 3-5 mix information globally (linear attention), and they run at 1/8 of the
 output size, so `decode_tiled` runs them on the whole latent and tiles only the purely convolutional
 stages 0-2 + output head, each tile reading `overlap` pixels of context around it. With the default
@@ -23,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cuda_graphs as graphs
 from .kernels import dcae_linear_attention, depthwise_conv_glu  # Triton on CUDA, else their PyTorch twins
 from .checkpoints import (CheckpointError, default_device, default_dtype, describe, guess_component,
                           load_weights, read_checkpoint, strip_prefix)
@@ -31,6 +36,7 @@ SCALING_FACTOR = 0.41407  # latent = encode(image) * 0.41407 (no shift)
 WORK_BYTES = 1 << 30      # temporaries of one block stay under this (bands of rows / groups of heads)
 DEFAULT_TILE = 1024       # decode_tiled: tile side in output pixels (bench/dcae_tiling.py)
 MEMORY_MARGIN = 1.25      # decode_auto: safety factor on the activation estimate (cuDNN workspaces)
+GRAPH_LATENT_PIXELS = 1024  # decode replays a CUDA graph up to this many latent pixels (batch x h x w)
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,13 @@ def rms_norm_2d_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps:
     return torch.addcmul(bias.view(1, -1, 1, 1), x, weight.view(1, -1, 1, 1), out=x)
 
 
+def empty_in_layout(like: torch.Tensor, *shape) -> torch.Tensor:
+    """An uninitialised tensor of `shape` in the memory layout of `like` (channels-last or contiguous)."""
+    channels_last = not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
+    return torch.empty(shape, dtype=like.dtype, device=like.device,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def banded(fn, x: torch.Tensor, *, halo: int, row_bytes: int, scale: int = 1) -> torch.Tensor:
     """fn(x) computed on bands of rows of x (B, C, H, W), each with `halo` rows of context on both
     sides, so that fn's temporaries (row_bytes per input row) stay under WORK_BYTES. Exact for an fn
@@ -84,7 +97,7 @@ def banded(fn, x: torch.Tensor, *, halo: int, row_bytes: int, scale: int = 1) ->
         a, b = max(r0 - halo, 0), min(r1 + halo, H)
         y = fn(x[:, :, a:b])
         if out is None:
-            out = y.new_empty(y.shape[0], y.shape[1], H * scale, y.shape[3])
+            out = empty_in_layout(y, y.shape[0], y.shape[1], H * scale, y.shape[3])
         out[:, :, r0 * scale:r1 * scale] = y[:, :, (r0 - a) * scale:(r1 - a) * scale]
         del y
     return out
@@ -108,12 +121,12 @@ def _split(length: int, tile: int) -> list:
 def _phase_weight(w: torch.Tensor) -> torch.Tensor:
     """3x3 conv of a nearest-2x upsampled input == per output phase (row parity a, column parity b) a
     2x2 conv of the low-resolution input: taps on rows (i-1, i) for even output rows, (i, i+1) for
-    odd ones, i.e. kernel rows (0 | 1+2) and (0+1 | 2). (O, I, 3, 3) -> (O * 4, I, 2, 2), output
-    channel o * 4 + 2a + b, summed in float32."""
+    odd ones, i.e. kernel rows (0 | 1+2) and (0+1 | 2). (O, I, 3, 3) -> (4 * O, I, 2, 2), output
+    channel (2a + b) * O + o (each phase a block of channels), summed in float32."""
     dtype, w = w.dtype, w.float()
     r = torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2], w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2)  # (O, I, a*2+p, 3)
     p = torch.stack([r[..., 0], r[..., 1] + r[..., 2], r[..., 0] + r[..., 1], r[..., 2]], 3)       # (O, I, a*2+p, b*2+q)
-    p = p.view(*w.shape[:2], 2, 2, 2, 2).permute(0, 2, 4, 1, 3, 5)           # (O, a, b, I, p, q)
+    p = p.view(*w.shape[:2], 2, 2, 2, 2).permute(2, 4, 0, 1, 3, 5)           # (a, b, O, I, p, q)
     return p.reshape(-1, w.shape[1], 2, 2).to(dtype)
 
 
@@ -252,21 +265,22 @@ class Upsample(nn.Module):
 
     def forward(self, x):  # (B, Cin, H, W) -> (B, Cout, 2H, 2W)
         B, _, _, W = x.shape
-        weight, bias = _phase_weight(self.conv.weight), self.conv.bias.repeat_interleave(4)
+        weight, bias = _phase_weight(self.conv.weight), self.conv.bias.repeat(4)
         row_bytes = 12 * self.conv.out_channels * B * W * x.element_size()
         return banded(lambda t: self._rows(t, weight, bias), x, halo=1, row_bytes=row_bytes, scale=2)
 
     def _rows(self, x, weight, bias):
         B, _, H, W = x.shape
         z = F.conv2d(x, weight, bias, padding=1)                           # (B, 4 * Cout, H + 1, W + 1)
-        out = z.new_empty(B, z.shape[1] // 4, 2 * H, 2 * W)
+        C = z.shape[1] // 4
+        out = empty_in_layout(z, B, C, 2 * H, 2 * W)
         r = self.repeats
         wide = x if r == 4 else x.repeat_interleave(r // 4, dim=1) if r > 4 else None  # (B, Cout, H, W)
         for a in (0, 1):
             for b in (0, 1):
                 k = 2 * a + b                                               # duplicated channel o*4+k is x[(o*4+k)//r]
                 shortcut = wide if wide is not None else x[:, k // r::4 // r]
-                torch.add(z[:, k::4, a:a + H, b:b + W], shortcut, out=out[:, :, a::2, b::2])
+                torch.add(z[:, k * C:(k + 1) * C, a:a + H, b:b + W], shortcut, out=out[:, :, a::2, b::2])
         return out
 
 
@@ -323,6 +337,7 @@ class Decoder(nn.Module):
         return x
 
     def local_stages(self, x):  # convolutions only: a tile with enough context decodes exactly
+        x = x.contiguous(memory_format=torch.channels_last)
         for i in reversed(range(self.first_global)):
             for block in self.up_blocks[i]:
                 x = block(x)
@@ -395,7 +410,11 @@ class DCAE(nn.Module):
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Scaled latent (B, 32, h, w) -> images (B, 3, 32h, 32w) in [-1, 1], untiled."""
-        return self.decoder(self._unscale(latent)).float().clamp_(-1, 1)
+        z = self._unscale(latent)
+        B, _, h, w = z.shape
+        decoder = graphs.GraphedStep(self.decoder, (), module=self.decoder, key=("decode",), tokens=B * h * w,
+                                     max_tokens=GRAPH_LATENT_PIXELS)
+        return _finish(decoder(z))
 
     @torch.inference_mode()
     def decode_tiled(self, latent: torch.Tensor, tile: int = None, overlap: int = None) -> torch.Tensor:
@@ -404,7 +423,7 @@ class DCAE(nn.Module):
         receptive field, 56 px for SANA, which makes the result equal to `decode`; less is faster and
         leaves small differences near tile borders)."""
         x = self.decoder.global_stages(self._unscale(latent))
-        return self._local_tiled(x, tile, overlap).float().clamp_(-1, 1)
+        return _finish(self._local_tiled(x, tile, overlap))
 
     def decode_auto(self, latent: torch.Tensor) -> torch.Tensor:
         """decode when its estimated activations fit in free device memory, else decode_tiled with the
@@ -494,11 +513,16 @@ class DCAE(nn.Module):
                 a0, a1, b0, b1 = max(r0 - halo, 0), min(r1 + halo, H), max(c0 - halo, 0), min(c1 + halo, W)
                 y = dec.local_stages(x[:, :, a0:a1, b0:b1])
                 if out is None:
-                    out = y.new_empty(B, y.shape[1], H * f, W * f)
+                    out = empty_in_layout(y, B, y.shape[1], H * f, W * f)
                 out[:, :, r0 * f:r1 * f, c0 * f:c1 * f] = \
                     y[:, :, (r0 - a0) * f:(r1 - a0) * f, (c0 - b0) * f:(c1 - b0) * f]
                 del y
         return out
+
+
+def _finish(pixels: torch.Tensor) -> torch.Tensor:
+    """Decoder output -> float32 (B, 3, H, W) in [-1, 1], contiguous."""
+    return pixels.to(torch.float32, memory_format=torch.contiguous_format).clamp_(-1, 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,11 +134,11 @@ def check_dtype(name: str, tensor: torch.Tensor) -> None:
                               f"float32, float16, bfloat16 and fp8 (e4m3fn, e5m2), which is upcast")
 
 
-def load_weights(model: torch.nn.Module, tensors: dict, *, device, dtype, keep_fp32=()) -> torch.nn.Module:
+def load_weights(model: torch.nn.Module, tensors: dict, *, device, dtype, keep_fp32=(), on_cpu=()) -> torch.nn.Module:
     """Fill a model built on the meta device with `tensors`, each moved straight to
     `device` and `dtype` (fp8 is upcast), one at a time. Names must match exactly:
     missing or unexpected keys are an error naming them. Parameters whose name contains
-    one of `keep_fp32` stay float32."""
+    one of `keep_fp32` stay float32; those whose name starts with one of `on_cpu` go to the CPU."""
     expected = dict(model.state_dict(keep_vars=True))
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -153,7 +153,7 @@ def load_weights(model: torch.nn.Module, tensors: dict, *, device, dtype, keep_f
         if t.shape != param.shape:
             raise CheckpointError(f"tensor {name} has shape {list(t.shape)}, the model expects {list(param.shape)}")
         target = torch.float32 if any(s in name for s in keep_fp32) else dtype
-        value = t.to(device=device, dtype=target)
+        value = t.to(device="cpu" if name.startswith(on_cpu) else device, dtype=target)
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         if isinstance(param, torch.nn.Parameter):

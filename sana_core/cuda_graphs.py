@@ -1,5 +1,6 @@
-"""CUDA graphs for the sampling step: the whole guided DiT call (CFG/PAG batch + guidance arithmetic)
-replayed as one graph, so that a 20-step sample has no per-layer launch gaps.
+"""CUDA graphs for launch-bound calls: the sampling step (the whole guided DiT call, CFG/PAG batch +
+guidance arithmetic), Gemma's forward and the DC-AE decode of small images, each replayed as one graph,
+so that a 20-step sample has no per-layer launch gaps.
 
     step = GraphedStep(fn, constants, module=transformer, key=("velocity", ...), tokens=n * B * h * w)
     v = step(x, t)      # fn(x, t, *constants): eager on the first call (warm-up), captured, then replayed
@@ -16,9 +17,9 @@ What a graph holds and when it is dropped:
   pool per device (they never run at the same time), and is emptied before a capture when free device
   memory is under MIN_FREE_BYTES.
 - Eager instead (reason in `GraphedStep.reason`): graphs switched off (SANA_CUDA_GRAPHS=0 or enabled=False),
-  inputs not on a CUDA device, weights not all on the inputs' device (a partially loaded model), steps
-  larger than MAX_TOKENS latent tokens (compute-bound: launch gaps are under 1% there, and the graph's
-  memory pool would be gigabytes), autograd on, already inside a capture, a step that synchronises
+  inputs not on a CUDA device, weights not all on the inputs' device (a partially loaded model), calls
+  larger than `max_tokens` (DiT steps: MAX_TOKENS latent tokens; compute-bound beyond, launch gaps are
+  under 1% there, and the graph's memory pool would be gigabytes), autograd on, already inside a capture, a step that synchronises
   with the host (.item(), a pageable copy: seen in the warm-up, before any capture), or an earlier capture
   in this process that raised.
 """
@@ -34,7 +35,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MAX_GRAPHS = 4  # cached graphs (each a size x batch x guidance setting); least recently used dropped first
+MAX_GRAPHS = 8  # cached graphs (an image needs up to 4: 2 Gemma lengths, the step, the decode); LRU dropped first
 MAX_TOKENS = 8192  # latent tokens per DiT call (batch x CFG/PAG groups x h x w), e.g. 2048 px with CFG at batch 1
 MIN_FREE_BYTES = 2 << 30  # free device memory under which every cached graph is dropped before a capture
 ENV = "SANA_CUDA_GRAPHS"  # "0" / "false" / "off": never capture
@@ -205,11 +206,13 @@ class GraphedStep:
     fn must be a pure function of its tensor arguments (no host synchronisation, no data-dependent
     Python branching) that reads `module`'s weights; `constants` (nested tuples of tensors) stay the same
     for the life of this GraphedStep (one sampling call); `key` names what else the captured work
-    depends on (guidance layout, perturbed layers, ...). tokens: the step's size, for MAX_TOKENS."""
+    depends on (guidance layout, perturbed layers, ...). tokens: the call's size; above max_tokens it
+    runs eagerly."""
 
-    def __init__(self, fn, constants, *, module, key, tokens: int, enabled: bool | None = None, cache=None):
+    def __init__(self, fn, constants, *, module, key, tokens: int, max_tokens: int = MAX_TOKENS,
+                 enabled: bool | None = None, cache=None):
         self.fn, self.constants, self.module = fn, constants, module
-        self.key, self.tokens = key, tokens
+        self.key, self.tokens, self.max_tokens = key, tokens, max_tokens
         self.cache = CACHE if cache is None else cache
         self.enabled = enabled_by_env() if enabled is None else enabled
         self.fingerprint = fingerprint(module) if self.enabled else None  # once per sampling call
@@ -258,6 +261,8 @@ class GraphedStep:
     def _why_eager(self, inputs) -> str:
         if not self.enabled:
             return f"CUDA graphs are off ({ENV}=0 or cuda_graphs=False)"
+        if self.tokens > self.max_tokens:
+            return f"{self.tokens} tokens per call > {self.max_tokens}: compute-bound, launch gaps are negligible"
         if BROKEN:
             return f"an earlier {BROKEN}"
         device = inputs[0].device
@@ -265,8 +270,6 @@ class GraphedStep:
             return f"inputs on {device}, not all on one CUDA device"
         if any(d != device for d, *_ in self.fingerprint):
             return f"the model's weights are not all on {device} (partially loaded or offloaded)"
-        if self.tokens > MAX_TOKENS:
-            return f"{self.tokens} latent tokens per call > {MAX_TOKENS}: compute-bound, launch gaps are negligible"
         if torch.is_grad_enabled():
             return "autograd is on (sampling runs under torch.no_grad())"
         if torch.cuda.is_current_stream_capturing():

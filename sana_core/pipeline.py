@@ -241,8 +241,8 @@ class SanaPipeline:
         if not torch.isfinite(pixels).all():
             raise FloatingPointError("the autoencoder produced NaN or infinite pixels; it probably overflowed in "
                                      "float16: load it in bfloat16 or float32")
-        images = (pixels.float().cpu() / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
-        return images if output == "tensor" else to_pil(images)
+        images = (pixels.float() / 2 + 0.5).clamp_(0, 1)  # (B, 3, H, W) in [0, 1], on the device
+        return images.cpu() if output == "tensor" else to_pil(images)
 
     def resolve_settings(self, *, width=None, height=None, aspect_ratio=None, steps=None, cfg=None, pag_scale=None,
                          flow_shift=None, sampler=None, pag_layers=None, image=None) -> dict:
@@ -293,6 +293,7 @@ class SanaPipeline:
     def _encode_prompts(self, prompts, negative_prompt, batch_size, need_uncond):
         device = self.device
         if self._text_encoder_offloaded and device.type != "cpu":
+            graphs.release()  # memory is short (why it was offloaded): the graphs' pool makes room for Gemma
             self.text_encoder.to(device)
             self._text_encoder_offloaded = False
         with torch.no_grad():
@@ -360,7 +361,8 @@ def image_to_tensor(image) -> torch.Tensor:
 
 
 def to_pil(images: torch.Tensor) -> list:
-    """(B, 3, H, W) in [0, 1] -> PIL images (rounded as diffusers does)."""
+    """(B, 3, H, W) in [0, 1] on any device -> PIL images, rounded as diffusers does (half to even, in
+    float32) but on the images' device, so that only bytes come to the CPU."""
     from PIL import Image
-    array = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+    array = (images.float() * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
     return [Image.fromarray(a) for a in array]

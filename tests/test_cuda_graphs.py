@@ -7,6 +7,9 @@ import torch
 import torch.nn as nn
 
 from sana_core import cuda_graphs as cg
+from sana_core.autoencoder import load_autoencoder
+from sana_core.demo import write_demo_autoencoder, write_demo_text_encoder
+from sana_core.text_encoder import load_text_encoder
 from sana_core.pipeline import sample_latents
 from sana_core.transformer import SanaConfig, SanaTransformer, random_state_dict
 
@@ -61,6 +64,13 @@ def test_fingerprint_follows_moves_casts_and_swaps_not_in_place_updates():
     fp = cg.fingerprint(lin)
     lin.to(torch.float64)
     assert cg.fingerprint(lin) != fp
+
+
+def test_calls_above_max_tokens_run_eagerly():
+    lin, fn, _ = model_and_fn()
+    step = cg.GraphedStep(fn, (torch.tensor(1.0),), module=lin, key="k", tokens=9, max_tokens=8)
+    step(torch.randn(2, 4))
+    assert step.reason.startswith("9 tokens per call > 8")
 
 
 def test_cpu_and_switch_off_run_eagerly_with_a_reason(monkeypatch):
@@ -183,6 +193,25 @@ def test_sampling_through_the_graph_path_equals_eager(standin, monkeypatch):
         assert len(StandIn.made) == made + 1 and torch.equal(graphed, eager)
         again = sample_latents(model, noise, cond, mask, uncond, mask, pag_scale=pag, pag_layers=(1,), **kw)
         assert len(StandIn.made) == made + 1 and torch.equal(again, eager)
+
+
+def test_gemma_and_decode_through_the_graph_path_equal_eager(standin, monkeypatch, tmp_path):
+    """Gemma's layers (one graph per prompt length) and the DC-AE decode replayed from (stand-in) graphs
+    give the eager results, and a second call replays instead of capturing."""
+    standin.max_graphs = 4
+    monkeypatch.setattr(cg, "CACHE", standin)
+    te = load_text_encoder(write_demo_text_encoder(tmp_path / "te.safetensors"), device="cpu")
+    ae = load_autoencoder(write_demo_autoencoder(tmp_path / "ae.safetensors"), device="cpu")
+    latent = torch.randn(1, 32, 2, 3, generator=torch.Generator().manual_seed(0))
+    calls = [lambda: te.encode(["a red fox"])[0], lambda: te.encode([""], instruction=False)[0],
+             lambda: ae.decode(latent)]
+    monkeypatch.setattr(cg.GraphedStep, "_why_eager", lambda self, inputs: "eager reference")
+    eager = [call() for call in calls]
+    monkeypatch.setattr(cg.GraphedStep, "_why_eager", lambda self, inputs: "")
+    for _ in range(2):
+        assert all(torch.equal(call(), ref) for call, ref in zip(calls, eager))
+        assert len(StandIn.made) == 3  # captured once each (two prompt lengths, one decode)
+    assert all(made.replays >= 1 for made in StandIn.made)
 
 
 def test_weights_moved_hook_frees_graphs_and_position_cache(monkeypatch):

@@ -13,7 +13,7 @@ from conftest import rel_err
 
 from sana_core import load_autoencoder, load_text_encoder, load_transformer, resolution
 from sana_core.demo import DEMO_CAPTION_DIM, write_demo_text_encoder
-from sana_core.pipeline import SanaPipeline, defaults_for, sample_latents, text_encoder_should_offload
+from sana_core.pipeline import SanaPipeline, defaults_for, sample_latents, text_encoder_should_offload, to_pil
 from sana_core.text_encoder import INSTRUCTIONS
 from sana_core.transformer import CONFIGS
 
@@ -181,6 +181,16 @@ def test_prompt_list_and_outputs(parts):
     assert len(images) == 4 and all(im.size == (WIDTH, HEIGHT) and im.mode == "RGB" for im in images)
     tensor = pipe(PROMPT, width=WIDTH, height=HEIGHT, steps=1, output="tensor")
     assert tensor.shape == (1, 3, HEIGHT, WIDTH) and 0 <= tensor.min() and tensor.max() <= 1
+
+
+def test_pil_images_round_as_diffusers():
+    """to_pil (computed on the images' device) gives diffusers' bytes, ties at k + 0.5 included."""
+    from diffusers.image_processor import VaeImageProcessor
+    images = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0))
+    images[0, 0, 0, :5] = torch.tensor([0.5, 1.5, 2.5, 254.5, 255]) / 255  # (nearly) halfway cases
+    ours = to_pil(images)
+    theirs = VaeImageProcessor.numpy_to_pil(images.permute(0, 2, 3, 1).numpy())
+    assert [im.tobytes() for im in ours] == [im.tobytes() for im in theirs]
 
 
 def test_image_to_image_starts_from_the_encoded_image(parts):

@@ -205,6 +205,17 @@ def test_device_dtype_and_offload(gemma, encoders):
     assert not any(p.requires_grad for p in te.model.parameters())
 
 
+def test_embedding_table_stays_on_the_cpu(gemma):
+    """Moving the encoder to a device moves Gemma's layers, never the token-embedding table (1.1 GiB of
+    Gemma-2-2B): it is looked up on the CPU. "meta" stands in for a GPU here."""
+    te = load_text_encoder(gemma["single"], device="cpu")
+    te.to("meta")
+    assert te.device == torch.device("meta") and te.model.layers[0].mlp.up_proj.weight.is_meta
+    assert te.model.norm.weight.is_meta and te.model.embed_tokens.weight.device == torch.device("cpu")
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert count(te.on_device) == count(te.model) - te.model.embed_tokens.weight.numel()  # what hosts move
+
+
 def test_demo_file_loads(tmp_path):
     """The demo writer makes a deterministic single file whose hidden size is the demo DiT's caption width."""
     a, b = write_demo_text_encoder(tmp_path / "a.safetensors"), write_demo_text_encoder(tmp_path / "b.safetensors")
