@@ -3,7 +3,7 @@
     python3 bench/kernels_gpu.py [--quick] [--out DIR]
 
 For every kernel and shape (1.6B DiT: C=2240, 70 heads, FFN hidden 5600, batch 2, 1024 and 16384 tokens;
-DC-AE decoder stages at 2048 and 4096 px): correctness against float64 on poisoned outputs (bf16 <= 1e-2,
+DC-AE decoder stages at 1024, 2048 and 4096 px): correctness against float64 on poisoned outputs (bf16 <= 1e-2,
 fp32 kernels <= 1e-3, fp32 twin <= 1e-5 with TF32 off), bitwise repeatability, then the median time
 (triton.testing.do_bench, L2 flushed) of a sweep of block configurations, the twin, and the eager
 diffusers-equivalent torch ops; small shapes also per call inside a CUDA graph (no launch gaps). The floor is
@@ -40,6 +40,10 @@ ONLY = ""
 DIT = dict(C=2240, heads=70, hid=5600, B=2, sides=(32, 128))
 DCAE_ATTN = ((2048, 64, 64), (2048, 64, 128), (2048, 32, 256), (4096, 64, 256), (4096, 32, 512))
 DCAE_FFN = ((2048, 1024, 128), (2048, 512, 256), (4096, 512, 512))
+# DC-AE RMSNorm (B=1): (name, channels, side, channels-last, residual, relu): stage 0 at 1024 px (channels-last,
+# ResBlock: + residual; the head: ReLU), stage 5 at 1024 px and stage 3 at 2048 px (NCHW, EfficientViT blocks)
+DCAE_NORM = (("stage 0 1024px", 128, 1024, True, True, False), ("head 1024px", 128, 1024, True, False, True),
+             ("stage 5 1024px", 1024, 32, False, True, False), ("stage 3 2048px", 512, 256, False, True, False))
 
 
 def rel_err(ours, ref):
@@ -128,6 +132,16 @@ def residual_adaln_eager(x, y, gate, shift, scale):
     return r, adaln_eager(r, shift, scale)
 
 
+def rms_norm_eager(x, weight, bias, residual, relu, eps=1e-5):  # the DC-AE's in-place recipe before the kernel
+    rstd = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
+    rstd = rstd.square_().div_(x.shape[1]).add_(eps).rsqrt_()
+    x.mul_(rstd)
+    torch.addcmul(bias.view(1, -1, 1, 1), x, weight.view(1, -1, 1, 1), out=x)
+    if residual is not None:
+        x.add_(residual)
+    return F.relu(x, inplace=True) if relu else x
+
+
 # --- one case: check, sweep, time ---
 
 def as_tuple(x):
@@ -200,7 +214,7 @@ def resources():
     """Registers, spills and shared memory of every compiled variant (the compiler's resource report)."""
     out = []
     for mod, names in (("linear_attention", ("_kv_kernel", "_out_kernel")), ("mix_ffn", ("_dwconv_glu_kernel",)),
-                       ("adaln", ("_adaln_kernel",))):
+                       ("adaln", ("_adaln_kernel",)), ("rms_norm", ("_channel_rms_norm_kernel",))):
         for name in names:
             fn = getattr(sys.modules[f"sana_core.kernels.{mod}"], name)
             try:
@@ -322,6 +336,35 @@ def main():
                  fp32_inputs=(x32, y.float(), gate.float(), shift.float(), scale.float()), nbytes=4 * x.numel() * 2,
                  configs=ada_cfgs, tol=1e-2, small=N <= 1024)
         del x, y, x32
+
+    # 5. DC-AE RMSNorm over channels + residual / ReLU, in place in the model; here every checked or timed
+    # call writes a fresh out= (the inputs stay as they are; same bytes). eager: the old in-place recipe.
+    for name, ch, side, cl, has_res, relu in DCAE_NORM:
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        x = rand(1, ch, side, side).contiguous(memory_format=fmt)
+        r = rand(1, ch, side, side).contiguous(memory_format=fmt) if has_res else None
+        w, b = 1 + 0.3 * rand(ch), 0.3 * rand(ch)
+        xe = x.clone()                                                 # the eager recipe's own, overwritten
+        if cl:
+            norm_cfgs = pick([dict(), dict(block_p=32), dict(block_p=128), dict(num_warps=4),
+                              dict(block_p=32, num_warps=4), dict(block_p=16, num_warps=2)])
+        else:
+            norm_cfgs = pick([dict(), dict(block_p=8, block_c=triton.next_power_of_2(ch)),  # one chunk
+                              dict(block_p=16, block_c=256), dict(block_p=32, block_c=256),
+                              dict(block_p=64, block_c=128), dict(block_p=8, block_c=128)])
+        f32 = lambda t: None if t is None else t.float()  # noqa: E731
+        run_case(f"dcae_rms_norm {name} {ch}ch {side}x{side} {'cl' if cl else 'nchw'}"
+                 f"{' +res' if has_res else ''}{' relu' if relu else ''}",
+                 kernel=lambda **cfg: (lambda x, w, b, r: K.channel_rms_norm_triton(
+                     x, w, b, residual=r, relu=relu, out=torch.empty_like(x), **cfg)),
+                 twin=lambda x, w, b, r: K.channel_rms_norm_torch(x, w, b, residual=r, relu=relu,
+                                                                  out=torch.empty_like(x)),
+                 eager=lambda: rms_norm_eager(xe, w, b, r, relu), inputs=(x, w, b, r),
+                 ref=lambda x, w, b, r: K.channel_rms_norm_torch(x.double(), w.double(), b.double(), relu=relu,
+                                                                 residual=None if r is None else r.double()),
+                 fp32_inputs=(x.float(), w.float(), b.float(), f32(r)), nbytes=(2 + has_res) * x.numel() * 2,
+                 configs=norm_cfgs, tol=1e-2, small=x.numel() <= 2**21)
+        del x, r, xe
 
     info["resources"] = resources()
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ Under TRITON_INTERPRET=1 the forced "triton" backend also runs on CPU tensors (t
     depthwise_conv_glu(x, weight, bias, height, width)                Mix-FFN middle, (B, N, 2H) -> (B, N, H)
     adaln(x, shift, scale, eps=1e-6)                                  LayerNorm * (1 + scale) + shift, (B, N, C)
     gated_residual_adaln(x, y, gate, shift, scale, eps=1e-6)          (x + gate * y, adaln of it)
+    channel_rms_norm(x, weight, bias, eps=1e-5, *, residual=None, relu=False, out=None)
+                            DC-AE RMSNorm over C of (B, C, H, W), + residual, ReLU; in place (or into out)
 """
 import os
 
@@ -71,3 +73,4 @@ from .linear_attention import (linear_attention, linear_attention_torch, linear_
 from .mix_ffn import depthwise_conv_glu, depthwise_conv_glu_torch, depthwise_conv_glu_triton  # noqa: E402
 from .adaln import (adaln, adaln_torch, adaln_triton,  # noqa: E402
                     gated_residual_adaln, gated_residual_adaln_torch, gated_residual_adaln_triton)
+from .rms_norm import channel_rms_norm, channel_rms_norm_torch, channel_rms_norm_triton  # noqa: E402

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import cuda_graphs as graphs
-from .kernels import dcae_linear_attention, depthwise_conv_glu  # Triton on CUDA, else their PyTorch twins
+from .kernels import channel_rms_norm, dcae_linear_attention, depthwise_conv_glu  # Triton on CUDA, else twins
 from .checkpoints import (CheckpointError, default_device, default_dtype, describe, guess_component,
                           load_weights, read_checkpoint, strip_prefix)
 
@@ -66,14 +66,6 @@ FULL_CONFIG = DCAEConfig()  # dc-ae-f32c32-sana-1.0 and -1.1 (same architecture,
 
 # ---------------------------------------------------------------------------------------------
 # functional pieces
-
-
-def rms_norm_2d_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """x (B, C, H, W) <- x / rms over C * weight + bias, IN PLACE; the mean of squares in float32."""
-    rstd = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)  # (B, 1, H, W)
-    rstd = rstd.square_().div_(x.shape[1]).add_(eps).rsqrt_()
-    x.mul_(rstd)
-    return torch.addcmul(bias.view(1, -1, 1, 1), x, weight.view(1, -1, 1, 1), out=x)
 
 
 def empty_in_layout(like: torch.Tensor, *shape) -> torch.Tensor:
@@ -135,7 +127,8 @@ def _phase_weight(w: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm2d(nn.Module):
-    """RMSNorm over the channels of (B, C, H, W), with bias (efficientvit's trms2d); in place."""
+    """RMSNorm over the channels of (B, C, H, W), with bias (efficientvit's trms2d), then + residual
+    and/or ReLU, fused; IN PLACE (x is overwritten and returned)."""
 
     def __init__(self, channels: int, eps: float = 1e-5, *, dtype=None, device=None):
         super().__init__()
@@ -143,8 +136,8 @@ class RMSNorm2d(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(channels, dtype=dtype, device=device))
 
-    def forward(self, x):
-        return rms_norm_2d_(x, self.weight, self.bias, self.eps)
+    def forward(self, x, residual=None, relu=False):  # (B, C, H, W), contiguous or channels-last
+        return channel_rms_norm(x, self.weight, self.bias, self.eps, residual=residual, relu=relu)
 
 
 class ResBlock(nn.Module):
@@ -164,7 +157,7 @@ class ResBlock(nn.Module):
     def _rows(self, x):
         h = F.silu(self.conv1(x), inplace=True)
         h = self.conv2(h)
-        return self.norm(h).add_(x)
+        return self.norm(h, residual=x)
 
 
 class GLUMBConv(nn.Module):
@@ -191,7 +184,7 @@ class GLUMBConv(nn.Module):
         a = depthwise_conv_glu(h.flatten(2).transpose(1, 2), depth.weight, depth.bias, rows, width)  # (B, h*W, M)
         del h
         a = self.conv_point(a.transpose(1, 2).unflatten(2, (rows, width)))  # depthwise 3x3 + GLU done: (B, C, h, W)
-        return self.norm(a).add_(x)
+        return self.norm(a, residual=x)
 
 
 class MultiscaleProjection(nn.Module):
@@ -239,7 +232,7 @@ class MultiscaleLinearAttention(nn.Module):
             del qkv
         y = self.to_out(att)
         del att
-        return self.norm_out(y).add_(x)
+        return self.norm_out(y, residual=x)
 
 
 class EfficientViTBlock(nn.Module):
@@ -341,8 +334,7 @@ class Decoder(nn.Module):
         for i in reversed(range(self.first_global)):
             for block in self.up_blocks[i]:
                 x = block(x)
-        x = F.relu(self.norm_out(x), inplace=True)
-        return self.conv_out(x)
+        return self.conv_out(self.norm_out(x, relu=True))
 
 
 class Encoder(nn.Module):

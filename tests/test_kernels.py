@@ -83,6 +83,19 @@ def adaln_ref(x, shift, scale, eps=1e-6):
         shift.double().reshape(-1, 1, C)
 
 
+def channel_rms_norm_ref(x, weight, bias, eps=1e-5, residual=None, relu=False):
+    """x / sqrt(mean_c(x^2) + eps) * weight + bias (+ residual) (ReLU) over dim 1 of (B, C, H, W)."""
+    x = x.double()
+    rms = (x.square().mean(1, keepdim=True) + eps).sqrt()                     # (B, 1, H, W)
+    y = x / rms * weight.double()[:, None, None] + bias.double()[:, None, None]
+    y = y if residual is None else y + residual.double()
+    return y.clamp(min=0) if relu else y
+
+
+def channels_last(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
 def padding_mask(B, N):
     lengths = torch.randint(N // 3, N, (B,))
     lengths[0] = N
@@ -120,6 +133,23 @@ def test_masked_tokens_do_not_change_real_outputs():
     padded = K.linear_attention_torch(q, k, v, 1e-8, mask)[:, :20]
     alone = K.linear_attention_torch(q[:, :20], k[:, :20], v[:, :20], 1e-8)
     assert rel_err(padded, alone) <= 1e-6
+
+
+def test_channel_rms_norm_twin_writes_in_place_and_matches_float64():
+    """The DC-AE norm: in place into x (either layout), or into out=; float64 stays float64."""
+    x, r, w, b = rand(2, 24, 5, 7) * 3, rand(2, 24, 5, 7), rand(24), rand(24)
+    for layout in (lambda t: t, channels_last):
+        for residual, relu in ((None, False), (r, False), (r, True), (None, True)):
+            xl = layout(x.clone())
+            ref = channel_rms_norm_ref(xl, w, b, 1e-5, residual, relu)
+            out = K.channel_rms_norm_torch(xl, w, b, 1e-5, residual=residual, relu=relu)
+            assert out is xl and rel_err(xl, ref) <= 1e-6 and (xl >= 0).all() == relu
+            assert xl.is_contiguous(memory_format=torch.channels_last) == (layout is channels_last)
+    buf = torch.empty_like(x)
+    assert K.channel_rms_norm_torch(x, w, b, out=buf) is buf and rel_err(buf, channel_rms_norm_ref(x, w, b)) <= 1e-6
+    x64 = x.double()
+    out = K.channel_rms_norm_torch(x64, w.double(), b.double(), residual=r.double(), relu=True)
+    assert out.dtype == torch.float64 and rel_err(out, channel_rms_norm_ref(x, w, b, 1e-5, r, True)) <= 1e-12
 
 
 # --- layouts, checked against diffusers' modules (float32, CPU) ---
@@ -217,6 +247,62 @@ def test_adaln_kernels(dtype, triton_backend, poisoned):
     assert rel_err(K.adaln_triton(x, shift[:1], scale[:1]), adaln_ref(x, shift[:1], scale[:1])) <= TOL[dtype]
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype, C", [(torch.float32, 8), (torch.float32, 40), (torch.bfloat16, 8),
+                                      (torch.bfloat16, 40), (torch.float16, 40)])
+def test_channel_rms_norm_kernel(dtype, C, triton_backend, poisoned):
+    """Both layouts, row bands of them (the banded decode), residual in either layout, ReLU, whole-row and
+    channel-chunk tiles, partial pixel blocks (35 pixels), 64-bit offsets; in place and into a poisoned out=.
+    (bf16 works under the interpreter here, no bf16 arithmetic: it only converts, truncating, hence TOL.)"""
+    B, H, W = 2, 5, 7
+    x0, r0 = rand(B, C, H + 2, W, dtype=dtype) * 3 + 1, rand(B, C, H, W, dtype=dtype)
+    w, b = rand(C, dtype=dtype), rand(C, dtype=dtype)
+    nchw, cl = (lambda t: t.contiguous()), channels_last
+    chunks = dict(block_p=32, block_c=32)                                      # 2 channel chunks at C = 40
+    cases = [(nchw, None, False, dict(block_p=64), True), (cl, None, True, dict(block_p=64), False),
+             (nchw, nchw, False, chunks, False), (cl, cl, True, chunks, True),
+             (cl, nchw, False, dict(block_p=64, block_c=64, wide=True), True),
+             (nchw, cl, True, dict(chunks, wide=True), False)]
+    for layout, r_layout, relu, cfg, into_out in cases:
+        full = layout(x0).clone()
+        x = full[:, :, 1:H + 1]                                                # a band of rows: a view
+        r = None if r_layout is None else r_layout(r0)
+        ref = channel_rms_norm_ref(x, w, b, 1e-5, r, relu)
+        out = torch.empty_like(x) if into_out else x                           # poisoned, or in place
+        assert K.channel_rms_norm_triton(x, w, b, residual=r, relu=relu, out=out, **cfg) is out
+        assert out.dtype == dtype and rel_err(out, ref) <= TOL[dtype], (layout, r_layout, relu, cfg)
+        assert torch.equal(full[:, :, 0], x0[:, :, 0]) and torch.equal(full[:, :, -1], x0[:, :, -1])  # rows outside
+    x = channels_last(x0[:1])                                                  # the dispatcher, default tuning
+    ref = channel_rms_norm_ref(x, w, b, 1e-5, x)
+    assert rel_err(K.channel_rms_norm(x.clone(), w, b, residual=x), ref) <= TOL[dtype]
+    cols = x0.clone()[:, :, :, 1:6]                                            # no single pixel axis: the twin
+    ref = channel_rms_norm_ref(cols, w, b)
+    assert K.channel_rms_norm(cols, w, b) is cols and rel_err(cols, ref) <= TOL[dtype]
+
+
+@needs_triton
+def test_dcae_blocks_compute_the_same_with_the_kernel():
+    """ResBlock (norm + residual) and the decoder head's norm + ReLU: Triton backend == twin, both layouts."""
+    from sana_core.autoencoder import ResBlock, RMSNorm2d
+    block, head = ResBlock(8, device=DEVICE), RMSNorm2d(8, device=DEVICE)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p))
+    for layout in (lambda t: t, channels_last):
+        x = layout(rand(1, 8, 6, 9))
+        results = {}
+        try:
+            for backend in ("torch", "triton"):
+                K.set_backend(backend)
+                with torch.no_grad():
+                    results[backend] = block(x), head(x.clone(), relu=True)
+        finally:
+            K.set_backend("auto")
+        ours, twin = results["triton"], results["torch"]
+        assert all(rel_err(o, t) <= TOL[torch.float32] for o, t in zip(ours, twin)) and (ours[1] >= 0).all()
+        assert ours[0].is_contiguous(memory_format=torch.channels_last) == (layout is channels_last)
+
+
 # --- dispatch and errors ---
 
 def test_auto_backend_uses_twins_on_cpu_and_switch_is_checked():
@@ -261,3 +347,12 @@ def test_bad_shapes_say_what_was_expected():
         K.depthwise_conv_glu(torch.randn(1, 10, 8), torch.randn(8, 1, 3, 3), torch.randn(8), 3, 3)
     with pytest.raises(ValueError, match=r"\(B, C\) or \(B, 1, C\)"):
         K.adaln(q, torch.randn(2, 3, 64), torch.randn(2, 3, 64))
+    x = torch.randn(1, 8, 4, 4)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        K.channel_rms_norm(x[0], torch.ones(8), torch.zeros(8))
+    with pytest.raises(ValueError, match=r"weight and bias must be \(8,\)"):
+        K.channel_rms_norm(x, torch.ones(4), torch.zeros(4))
+    with pytest.raises(ValueError, match="residual .* must have x's shape"):
+        K.channel_rms_norm(x, torch.ones(8), torch.zeros(8), residual=x[:, :, :2])
+    with pytest.raises(ValueError, match="flatten to one pixel axis"):
+        K.channel_rms_norm_triton(x[:, :, :, 1:3], torch.ones(8), torch.zeros(8))
