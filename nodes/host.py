@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from sana_core import cuda_graphs as graphs
+
 log = logging.getLogger("sana_nodes")
 
 # The ComfyUI folders each component is looked up in, in order (the DiT also in checkpoints).
@@ -107,7 +109,10 @@ def module_of(model) -> torch.nn.Module:
 
 
 def _weights_moved(model) -> None:
-    """After a host moved a model's weights: drop state derived from their old place, if any."""
+    """After a host moved a model's weights: drop state derived from their old place: the cached CUDA
+    graphs (they would be re-captured anyway, but hold device memory until then) and the model's own
+    caches, if any."""
+    graphs.release()
     hook = getattr(model, "clear_device_caches", None)
     if callable(hook):
         hook()
@@ -298,7 +303,10 @@ class ComfyHost:
     def load(self, models, memory_required: int = 0) -> None:
         # force_full_load: our modules have no comfy.ops weight casting, so a partial (lowvram)
         # load would leave layers on the CPU; ComfyUI evicts other models to make room instead.
-        self.mm.load_models_gpu([m.patcher for m in models], memory_required=memory_required,
+        # The cached CUDA graphs' pool is reserved memory that ComfyUI counts as free (reserved minus
+        # active) but only graph replays can use: ask for that much more.
+        held = graphs.held_bytes(models[0].load_device) if models else 0
+        self.mm.load_models_gpu([m.patcher for m in models], memory_required=memory_required + held,
                                 force_full_load=True)
 
     def unload(self, m: ManagedModel) -> None:

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from .checkpoints import (CheckpointError, default_device, default_dtype, describe, guess_component,
                           load_weights, read_checkpoint, strip_prefix)
-from . import cuda_graphs
 from .kernels import adaln, depthwise_conv_glu, gated_residual_adaln, linear_attention  # Triton on CUDA, else twins
 
 log = logging.getLogger(__name__)
@@ -305,10 +304,8 @@ class SanaTransformer(nn.Module):
         return self._pos_embed[4]
 
     def clear_device_caches(self) -> None:
-        """After a memory manager (ComfyUI's) moved the weights: free what was derived from their old place,
-        the captured CUDA graphs (they would be re-captured anyway, but hold device memory until then) and the
-        cached position embedding."""
-        cuda_graphs.release()
+        """After a memory manager (ComfyUI's) moved the weights: drop the cached position embedding, made
+        on the old device. (Captured CUDA graphs notice moved weights themselves.)"""
         self._pos_embed = None
 
     def encode_caption(self, context, context_mask=None) -> Caption:

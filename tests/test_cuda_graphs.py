@@ -214,9 +214,10 @@ def test_gemma_and_decode_through_the_graph_path_equal_eager(standin, monkeypatc
     assert all(made.replays >= 1 for made in StandIn.made)
 
 
-def test_weights_moved_hook_frees_graphs_and_position_cache(monkeypatch):
-    """ComfyUI's host calls model.clear_device_caches() after moving weights: graphs and the cached
-    position embedding (both tied to the old device memory) must go."""
+def test_weights_moved_by_a_host_frees_graphs_and_position_cache(monkeypatch):
+    """After ComfyUI's (or our) host moves any model's weights, the graphs (their pool holds device memory)
+    and the DiT's cached position embedding (made on the old device) must go."""
+    from sana_nodes.host import _weights_moved
     cfg = SanaConfig(depth=1, width=64, caption_dim=48, self_heads=2, cross_heads=2, mlp_hidden=160,
                      pe_interpolation=1.0, base_size=4)
     model = SanaTransformer(cfg)
@@ -225,5 +226,7 @@ def test_weights_moved_hook_frees_graphs_and_position_cache(monkeypatch):
     monkeypatch.setattr(cg, "release", lambda: released.append(1))
     model(torch.randn(1, 32, 2, 3), torch.tensor([500.0]), torch.randn(1, 5, 48))
     assert model._pos_embed is not None
-    model.clear_device_caches()
+    _weights_moved(model)
     assert released == [1] and model._pos_embed is None
+    _weights_moved(object())  # a model without caches of its own (the DC-AE, the text encoder)
+    assert released == [1, 1]
