@@ -120,6 +120,12 @@ def pool_gib():
     return cuda_graphs.held_bytes(torch.device("cuda", torch.cuda.current_device())) / GiB
 
 
+def graphs_held():
+    """What the CUDA-graph cache holds (the first word of each key: velocity, gemma, decode), and why capturing
+    stopped for the process if it did: shows that a row's ours really ran from graphs."""
+    return dict(graphs=sorted(str(k[1][0]) for k in cuda_graphs.CACHE.entries), graphs_broken=cuda_graphs.BROKEN)
+
+
 def phase_ms(call, te, ae):
     """Wall milliseconds per phase of one pipeline call(): prompt encoding, sampling, decoding and the rest
     (noise, checks, the PIL images), the GPU synchronised at each phase's ends."""
@@ -468,6 +474,7 @@ def row_dcae(px, tiled):
     r["diffusers_ms"] = time_ms(theirs, budget_s=3)
     r["diffusers_extra_gib"] = extra_gib(theirs)
     r["ours_graph_pool_gib"] = pool_gib()  # a captured decode's activations live in the graph's pool
+    r.update(graphs_held())
     r["ours_peak_gib"] = r["ours_extra_gib"] + r["ours_graph_pool_gib"] + module_bytes(ours.decoder) / GiB
     if not tiled:
         with env(cuda_graphs.ENV, "0"):
@@ -493,11 +500,16 @@ def row_gemma():
     ours = lambda: te.encode(prompts)  # noqa: E731
     theirs = lambda: pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=DEV,  # noqa: E731
                                         clean_caption=False, complex_human_instruction=CHI)
-    a, b = ours()[0], theirs()[0]
-    r = dict(kind="gemma", batch=2, tokens=300, rel_err_vs_diffusers=rel_err(a, b))
-    r["ours_ms"], r["ours_mode"] = time_ms(ours), "eager"
+    cuda_graphs.release()
+    eager = ours()[0]  # the warm-up: eager, then captured
+    a, b = ours()[0], theirs()[0]  # a: replayed
+    r = dict(kind="gemma", batch=2, tokens=300, rel_err_vs_diffusers=rel_err(a, b),
+             graph_equals_eager=bool(torch.equal(a, eager)), **graphs_held())
+    r["ours_ms"], r["ours_mode"] = time_ms(ours), "cuda graph"
+    with env(cuda_graphs.ENV, "0"):
+        r["ours_eager_ms"] = time_ms(ours)
     r["diffusers_ms"] = time_ms(theirs)
-    r["ours_peak_gib"] = peak_gib(ours)
+    r["ours_peak_gib"] = peak_gib(ours) + pool_gib()
     r["diffusers_peak_gib"] = peak_gib(theirs)
     del te, pipe
     free_all()
@@ -531,6 +543,7 @@ def row_e2e(variant, px):
     r["ours_ms"] = 1000 * statistics.median(wall_s(ours_call)[0] for _ in range(reps))
     r["ours_mode"] = "cuda graphs" if 2 * (px // 32) ** 2 <= cuda_graphs.MAX_TOKENS else "eager"
     r["ours_phases_ms"] = phase_ms(ours_call, te, ae)
+    r.update(graphs_held())
     r["ours_peak_gib"] = peak_gib(ours_call, foreign=module_bytes(ref_dit, ref_ae)) + pool_gib()
     r["ours_no_graphs_ms"] = None
     if px <= 1024:
