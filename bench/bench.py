@@ -441,7 +441,7 @@ def row_dcae_variants(px):
             r[f"{variant}_extra_gib"] = extra_gib(lambda: ours.decode(latent))
             if variant in ("eager", "nchw"):
                 r[f"{variant}_profile"] = profile(lambda: ours.decode(latent), top=12)
-    r["graph_pool_gib"] = cuda_graphs.held_bytes(DEV) / GiB
+    r["graph_pool_gib"] = pool_gib()
     del ours
     cuda_graphs.release()
     free_all()
