@@ -117,7 +117,7 @@ def extra_gib(fn):
 
 def pool_gib():
     """Device memory held by the cached CUDA graphs' pool (reserved, not in max_memory_allocated once captured)."""
-    return cuda_graphs.held_bytes(torch.device("cuda", torch.cuda.current_device())) / GiB
+    return cuda_graphs.held_bytes("cuda") / GiB
 
 
 def graphs_held():

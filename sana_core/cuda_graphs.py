@@ -196,8 +196,12 @@ def release() -> None:
 
 
 def held_bytes(device) -> int:
-    """Device memory the cached graphs' pool holds on `device` (estimated at capture; 0 when none)."""
-    return CACHE.pool_bytes.get(torch.device(device), 0) if len(CACHE) else 0
+    """Device memory the cached graphs' pool holds on `device` ("cuda" is the current one; estimated at
+    capture; 0 when none)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return CACHE.pool_bytes.get(device, 0) if len(CACHE) else 0
 
 
 class GraphedStep:
