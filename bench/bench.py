@@ -561,6 +561,16 @@ def row_e2e(variant, px):
         slow = sorted(prof.key_averages(), key=lambda e: -e.cpu_time_total)[:12]
         r["third_size_first_cpu_top"] = [(e.key[:80], round(e.cpu_time_total / 1e3, 1)) for e in slow]
         r["third_size_steady_s"] = statistics.median(wall_s(third)[0] for _ in range(reps))
+        # the same at a fourth size with cuDNN kept out of SDPA (its per-shape plans are most of a new size's cost)
+        fourth = lambda: ours(PROMPT, steps=20, cfg=4.5, flow_shift=shift, seed=0, width=896, height=1152)  # noqa: E731
+        cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        try:
+            r["no_cudnn_sdp_new_size_first_s"] = wall_s(fourth)[0]
+            r["no_cudnn_sdp_new_size_steady_s"] = statistics.median(wall_s(fourth)[0] for _ in range(reps))
+            r["no_cudnn_sdp_steady_1024_s"] = statistics.median(wall_s(ours_call)[0] for _ in range(reps))
+        finally:
+            torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
     wall_s(theirs_call)  # warm-up
     r["diffusers_ms"] = 1000 * statistics.median(wall_s(theirs_call)[0] for _ in range(reps))
     r["diffusers_peak_gib"] = peak_gib(theirs_call, foreign=module_bytes(dit, ae))
