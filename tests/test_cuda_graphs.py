@@ -2,9 +2,12 @@
 invalidated when the weights move or change dtype, and bounded. The capture itself is replaced by a
 stand-in that records what it was given and "replays" by calling the function on its static buffers;
 the real capture is checked on the GPU by bench/bench.py --rows smoke."""
+import collections
+
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sana_core import cuda_graphs as cg
 from sana_core.autoencoder import load_autoencoder
@@ -212,6 +215,38 @@ def test_gemma_and_decode_through_the_graph_path_equal_eager(standin, monkeypatc
         assert all(torch.equal(call(), ref) for call, ref in zip(calls, eager))
         assert len(StandIn.made) == 3  # captured once each (two prompt lengths, one decode)
     assert all(made.replays >= 1 for made in StandIn.made)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the ops that would wait for the GPU on CUDA (a value read on the host: .item(), bool(),
+    nonzero, ...), seen here on the CPU."""
+    SYNCING = ("_local_scalar_dense", "nonzero", "is_nonzero", "masked_select", "unique", "equal")
+
+    def __init__(self):
+        super().__init__()
+        self.found = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(s in func.__name__ for s in self.SYNCING):
+            self.found[func.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_graphed_calls_never_wait_for_the_host(tmp_path):
+    """What the graphs capture (the DiT step, Gemma's layers, the decoder) reads no value on the host: such a
+    read would make the warm-up fall back to eager and lose the graph."""
+    te = load_text_encoder(write_demo_text_encoder(tmp_path / "te.safetensors"), device="cpu")
+    ae = load_autoencoder(write_demo_autoencoder(tmp_path / "ae.safetensors"), device="cpu")
+    cfg = SanaConfig(depth=2, width=64, caption_dim=48, self_heads=2, cross_heads=2, mlp_hidden=160)
+    dit = SanaTransformer(cfg)
+    dit.load_state_dict(random_state_dict(cfg, seed=1))
+    tokens = te.tokenizer(["a red fox"], padding="max_length", max_length=40, return_tensors="pt")
+    caption = dit.encode_caption(torch.randn(2, 7, 48), torch.tensor([[1] * 7, [1] * 4 + [0] * 3]))
+    with torch.inference_mode(), HostSyncs() as syncs:
+        te._layers(te.model.embed_tokens(tokens.input_ids), tokens.attention_mask)
+        ae.decoder(torch.randn(1, 32, 2, 3))
+        dit(torch.randn(2, 32, 3, 2), torch.tensor([500.0, 500.0]), caption)
+    assert not syncs.found
 
 
 def test_weights_moved_by_a_host_frees_graphs_and_position_cache(monkeypatch):
