@@ -19,9 +19,9 @@ What a graph holds and when it is dropped:
 - Eager instead (reason in `GraphedStep.reason`): graphs switched off (SANA_CUDA_GRAPHS=0 or enabled=False),
   inputs not on a CUDA device, weights not all on the inputs' device (a partially loaded model), calls
   larger than `max_tokens` (DiT steps: MAX_TOKENS latent tokens; compute-bound beyond, launch gaps are
-  under 1% there, and the graph's memory pool would be gigabytes), autograd on, already inside a capture, a step that synchronises
-  with the host (.item(), a pageable copy: seen in the warm-up, before any capture), or an earlier capture
-  in this process that raised.
+  under 1% there, and the graph's memory pool would be gigabytes), autograd on, already inside a
+  capture, a step that synchronises with the host (.item(), a pageable copy: seen in the warm-up, before
+  any capture), or an earlier capture in this process that raised.
 """
 import contextlib
 import itertools
