@@ -289,6 +289,10 @@ class DiffusersGemma(torch.nn.Module):
     def dtype(self):
         return self.gemma.norm.weight.dtype
 
+    @property
+    def device(self):  # what SanaPipeline._execution_device reads
+        return self.gemma.norm.weight.device
+
     def forward(self, input_ids, attention_mask=None, **kwargs):
         return self.gemma(inputs_embeds=self.table(input_ids), attention_mask=attention_mask, **kwargs)
 
@@ -553,7 +557,8 @@ def row_e2e(variant, px):
         other = dict(width=1152, height=896)
         new = lambda: ours(PROMPT, steps=20, cfg=4.5, flow_shift=shift, seed=0, **other)  # noqa: E731
         r["new_size"] = f"{other['width']}x{other['height']}"
-        r["new_size_first_s"] = wall_s(new)[0]
+        r["new_size_first_phases_ms"] = phase_ms(new, te, ae)
+        r["new_size_first_s"] = sum(r["new_size_first_phases_ms"].values()) / 1000
         r["new_size_steady_s"] = statistics.median(wall_s(new)[0] for _ in range(reps))
         third = lambda: ours(PROMPT, steps=20, cfg=4.5, flow_shift=shift, seed=0, width=1280, height=768)  # noqa: E731
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:  # where it goes
@@ -872,7 +877,7 @@ def table(rows: dict) -> str:
 
 def merge(folder: Path) -> dict:
     rows = {}
-    for path in sorted(folder.glob("*.json")):
+    for path in sorted(folder.glob("*.json"), key=lambda p: (len(p.stem), p.stem)):  # call2 before call10
         data = json.loads(path.read_text())
         for name, r in data.get("rows", {}).items():
             if "error" not in r and "skipped" not in r:

@@ -13,6 +13,7 @@ Under TRITON_INTERPRET=1 the forced "triton" backend also runs on CPU tensors (t
     channel_rms_norm(x, weight, bias, eps=1e-5, *, residual=None, relu=False, out=None)
                             DC-AE RMSNorm over C of (B, C, H, W), + residual, ReLU; in place (or into out)
 """
+import inspect
 import os
 
 import torch
@@ -64,6 +65,21 @@ def use_triton(*tensors) -> bool:
                                "CPU tests); got tensors on " + ", ".join(sorted({str(t.device) for t in tensors})))
         return True
     return HAS_TRITON and on_cuda
+
+
+def size_free(sizes=(), strides=()) -> dict:
+    """triton.jit options that compile a kernel once for every image size. Triton specialises integer
+    arguments on being 1 or a multiple of 16: `sizes` (token counts, H*W) are not specialised at all;
+    `strides` that are multiples of H*W (a channels-first tensor's channel stride) keep the unit-stride
+    class (coalesced loads) but not the multiple-of-16 one. Otherwise the first image whose H*W changes
+    class (1344x704: 924 latent pixels) recompiles the DC-AE's kernels, ~1.7 s. Triton before 3.2 cannot
+    drop only the second class: those strides are then specialised (one compile per class). Measured
+    (docs/kernels-notes.md): free channel strides cost the RMSNorm nothing but made the DC-AE attention and
+    GLUMBConv kernels 1.3-2x slower, so those two keep their strides specialised."""
+    options = {"do_not_specialize": list(sizes)}
+    if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters:
+        options["do_not_specialize_on_alignment"] = list(strides)
+    return options
 
 
 set_backend(os.environ.get("SANA_KERNELS", "auto").strip().lower() or "auto")

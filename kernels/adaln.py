@@ -9,10 +9,10 @@ The kernel keeps a whole row of C (up to 8192) in registers: one program per tok
 import torch
 import torch.nn.functional as F
 
-from . import HAS_TRITON, triton, tl, upcast, use_triton
+from . import HAS_TRITON, size_free, triton, tl, upcast, use_triton
 
 if HAS_TRITON:
-    @triton.jit(do_not_specialize=["N"])  # one compile for every image size (sana_core.cuda_graphs: new sizes)
+    @triton.jit(**size_free(sizes=["N"]))
     def _adaln_kernel(x_ptr, y_ptr, g_ptr, shift_ptr, scale_ptr, r_ptr, o_ptr, N, C, eps,
                       sxb, sxn, syb, syn, sgb, sshb, sscb, srb, srn, sob, son,
                       BLOCK_C: tl.constexpr, RESIDUAL: tl.constexpr):

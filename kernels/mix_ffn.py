@@ -14,7 +14,7 @@ the input is read once from memory (plus 2 halo rows per chunk), the output writ
 import torch
 import torch.nn.functional as F
 
-from . import HAS_TRITON, triton, tl, upcast, use_triton
+from . import HAS_TRITON, size_free, triton, tl, upcast, use_triton
 
 if HAS_TRITON:
     @triton.jit
@@ -40,7 +40,7 @@ if HAS_TRITON:
         vx, vg = vx.to(tl.float32), vg.to(tl.float32)
         return ax + vx * w_bot, ag + vg * g_bot, bx + vx * w_mid, bg + vg * g_mid, nx + vx * w_top, ng + vg * g_top
 
-    @triton.jit(do_not_specialize=["height", "width", "rows"])  # one compile for every image size
+    @triton.jit(**size_free(sizes=["height", "width", "rows"]))  # strides specialised: as linear_attention
     def _dwconv_glu_kernel(x_ptr, w_ptr, b_ptr, o_ptr, HID, height, width, rows,
                            sxb, sxn, sxc, sob, son, soc,
                            BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr):

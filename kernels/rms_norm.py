@@ -19,7 +19,7 @@ Device memory traffic: read x (and the residual), write out: 2-3 passes where th
 """
 import torch
 
-from . import HAS_TRITON, triton, tl, use_triton
+from . import HAS_TRITON, size_free, triton, tl, use_triton
 
 if HAS_TRITON:
     @triton.jit
@@ -35,7 +35,7 @@ if HAS_TRITON:
             y = tl.maximum(y, 0.0)
         tl.store(o_rows + c[None, :] * soc, y.to(o_ptr.dtype.element_ty), mask=live)
 
-    @triton.jit(do_not_specialize=["HW"])  # one compile for every image size (sana_core.cuda_graphs: new sizes)
+    @triton.jit(**size_free(sizes=["HW"], strides=["sxc", "src", "soc"]))  # NCHW channel stride = HW
     def _channel_rms_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, o_ptr, C, HW, eps,
                                  sxb, sxc, sxp, srb, src, srp, sob, soc, sop,
                                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ONE_CHUNK: tl.constexpr,

@@ -111,8 +111,18 @@ class TextEncoder:
         return self.to("cpu")
 
     def _layers(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Gemma's layers and final norm: (B, L, D) embeddings, (B, L) mask -> last hidden state."""
-        return self.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        """Gemma's layers and final norm: (B, L, D) embeddings, (B, L) mask -> last hidden state.
+
+        The additive (B, 1, L, L) mask transformers would build (causal, padded keys at the dtype's minimum)
+        is built here, on the device: transformers' own copies a scalar from the host, which a CUDA graph
+        cannot capture. Beyond the sliding window (4096 tokens) transformers builds it."""
+        L = mask.shape[1]
+        if L <= self.model.config.sliding_window:
+            causal = torch.ones(L, L, dtype=torch.bool, device=mask.device).tril_()  # (L, L)
+            allowed = causal & mask.bool()[:, None, None, :]  # (B, 1, L, L)
+            mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=mask.device)
+            mask.masked_fill_(~allowed, torch.finfo(embeds.dtype).min)
+        return self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
 
     @torch.no_grad()
     def encode(self, prompts, *, instruction=True, lowercase=False) -> tuple[torch.Tensor, torch.Tensor]:
