@@ -74,8 +74,8 @@ def size_free(sizes=(), strides=()) -> dict:
     class (coalesced loads) but not the multiple-of-16 one. Otherwise the first image whose H*W changes
     class (1344x704: 924 latent pixels) recompiles the DC-AE's kernels, ~1.7 s. Triton before 3.2 cannot
     drop only the second class: those strides are then specialised (one compile per class). Measured
-    (docs/kernels-notes.md): free channel strides cost the RMSNorm nothing but made the DC-AE attention and
-    GLUMBConv kernels 1.3-2x slower, so those two keep their strides specialised."""
+    (docs/performance.md section 9): free channel strides cost the RMSNorm nothing but made the DC-AE
+    attention and GLUMBConv kernels 1.3-2x slower, so those two keep theirs specialised."""
     options = {"do_not_specialize": list(sizes)}
     if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters:
         options["do_not_specialize_on_alignment"] = list(strides)
