@@ -126,6 +126,19 @@ def _phase_weight(w: torch.Tensor) -> torch.Tensor:
 # modules
 
 
+def pointwise_conv(x, weight, bias=None):
+    """A 1x1 convolution as a matmul: F.conv2d's function, computed by cuBLAS, which needs no per-shape plan
+    (cuDNN builds one for every new image size: ~150 ms of a first decode). x (B, C, H, W), NCHW or
+    channels-last; weight (O, C, 1, 1) -> (B, O, H, W) in x's layout."""
+    w = weight.flatten(1)  # (O, C)
+    if x.stride(1) == 1 and x.shape[1] > 1:  # channels-last
+        return F.linear(x.permute(0, 2, 3, 1), w, bias).permute(0, 3, 1, 2)
+    y = torch.matmul(w, x.flatten(2))  # (B, O, H*W)
+    if bias is not None:
+        y += bias[:, None]
+    return y.unflatten(2, x.shape[2:])
+
+
 class RMSNorm2d(nn.Module):
     """RMSNorm over the channels of (B, C, H, W), with bias (efficientvit's trms2d), then + residual
     and/or ReLU, fused; IN PLACE (x is overwritten and returned)."""
@@ -178,12 +191,12 @@ class GLUMBConv(nn.Module):
         return banded(self._rows, x, halo=1, row_bytes=(4 * hidden + C) * B * W * x.element_size())
 
     def _rows(self, x):
-        h = F.silu(self.conv_inverted(x), inplace=True)                   # (B, 2M, h, W)
+        h = F.silu(pointwise_conv(x, self.conv_inverted.weight, self.conv_inverted.bias), inplace=True)  # (B, 2M, h, W)
         rows, width = h.shape[-2:]
         depth = self.conv_depth
         a = depthwise_conv_glu(h.flatten(2).transpose(1, 2), depth.weight, depth.bias, rows, width)  # (B, h*W, M)
         del h
-        a = self.conv_point(a.transpose(1, 2).unflatten(2, (rows, width)))  # depthwise 3x3 + GLU done: (B, C, h, W)
+        a = pointwise_conv(a.transpose(1, 2).unflatten(2, (rows, width)), self.conv_point.weight)  # (B, C, h, W)
         return self.norm(a, residual=x)
 
 
@@ -225,12 +238,12 @@ class MultiscaleLinearAttention(nn.Module):
         for h0 in range(0, self.heads, group):                  # heads are independent
             h1 = min(h0 + group, self.heads)
             rows = slice(3 * d * h0, 3 * d * h1)
-            qkv = F.conv2d(x, self.to_qkv.weight[rows])          # (B, 3d * heads_in_group, H, W)
+            qkv = pointwise_conv(x, self.to_qkv.weight[rows])    # (B, 3d * heads_in_group, H, W)
             dcae_linear_attention(qkv, d, out=att[:, d * h0:d * h1])
             for j, ms in enumerate(self.to_qkv_multiscale, start=1):
                 dcae_linear_attention(ms(qkv, rows), d, out=att[:, j * inner + d * h0:j * inner + d * h1])
             del qkv
-        y = self.to_out(att)
+        y = pointwise_conv(att, self.to_out.weight)
         del att
         return self.norm_out(y, residual=x)
 
