@@ -68,6 +68,19 @@ FULL_CONFIG = DCAEConfig()  # dc-ae-f32c32-sana-1.0 and -1.1 (same architecture,
 # functional pieces
 
 
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor = None) -> torch.Tensor:
+    """A 1x1 convolution as a matmul: F.conv2d's function through cuBLAS, which needs no per-shape plan (cuDNN
+    builds one for every new image size: most of a first decode's ~150 ms of planning). x (B, C, H, W), NCHW
+    or channels-last; weight (O, C, 1, 1) -> (B, O, H, W) in x's layout."""
+    w = weight.flatten(1)  # (O, C)
+    if x.stride(1) == 1 and x.shape[1] > 1:  # channels-last
+        return F.linear(x.permute(0, 2, 3, 1), w, bias).permute(0, 3, 1, 2)
+    y = torch.matmul(w, x.flatten(2))  # (B, O, H*W)
+    if bias is not None:
+        y += bias[:, None]
+    return y.unflatten(2, x.shape[2:])
+
+
 def empty_in_layout(like: torch.Tensor, *shape) -> torch.Tensor:
     """An uninitialised tensor of `shape` in the memory layout of `like` (channels-last or contiguous)."""
     channels_last = not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
@@ -126,19 +139,6 @@ def _phase_weight(w: torch.Tensor) -> torch.Tensor:
 # modules
 
 
-def pointwise_conv(x, weight, bias=None):
-    """A 1x1 convolution as a matmul: F.conv2d's function, computed by cuBLAS, which needs no per-shape plan
-    (cuDNN builds one for every new image size: ~150 ms of a first decode). x (B, C, H, W), NCHW or
-    channels-last; weight (O, C, 1, 1) -> (B, O, H, W) in x's layout."""
-    w = weight.flatten(1)  # (O, C)
-    if x.stride(1) == 1 and x.shape[1] > 1:  # channels-last
-        return F.linear(x.permute(0, 2, 3, 1), w, bias).permute(0, 3, 1, 2)
-    y = torch.matmul(w, x.flatten(2))  # (B, O, H*W)
-    if bias is not None:
-        y += bias[:, None]
-    return y.unflatten(2, x.shape[2:])
-
-
 class RMSNorm2d(nn.Module):
     """RMSNorm over the channels of (B, C, H, W), with bias (efficientvit's trms2d), then + residual
     and/or ReLU, fused; IN PLACE (x is overwritten and returned)."""
@@ -191,7 +191,8 @@ class GLUMBConv(nn.Module):
         return banded(self._rows, x, halo=1, row_bytes=(4 * hidden + C) * B * W * x.element_size())
 
     def _rows(self, x):
-        h = F.silu(pointwise_conv(x, self.conv_inverted.weight, self.conv_inverted.bias), inplace=True)  # (B, 2M, h, W)
+        inverted = self.conv_inverted
+        h = F.silu(pointwise_conv(x, inverted.weight, inverted.bias), inplace=True)  # (B, 2M, h, W)
         rows, width = h.shape[-2:]
         depth = self.conv_depth
         a = depthwise_conv_glu(h.flatten(2).transpose(1, 2), depth.weight, depth.bias, rows, width)  # (B, h*W, M)
