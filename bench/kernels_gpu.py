@@ -213,7 +213,9 @@ def tuned(fn, **fixed):
 def resources():
     """Registers, spills and shared memory of every compiled variant (the compiler's resource report)."""
     out = []
-    for mod, names in (("linear_attention", ("_kv_kernel", "_out_kernel")), ("mix_ffn", ("_dwconv_glu_kernel",)),
+    for mod, names in (("linear_attention", ("_kv_kernel", "_out_kernel", "_kv_kernel_channels_first",
+                                             "_out_kernel_channels_first")),
+                       ("mix_ffn", ("_dwconv_glu_kernel", "_dwconv_glu_kernel_channels_first")),
                        ("adaln", ("_adaln_kernel",)), ("rms_norm", ("_channel_rms_norm_kernel",))):
         for name in names:
             fn = getattr(sys.modules[f"sana_core.kernels.{mod}"], name)

@@ -70,12 +70,12 @@ def use_triton(*tensors) -> bool:
 def size_free(sizes=(), strides=()) -> dict:
     """triton.jit options that compile a kernel once for every image size. Triton specialises integer
     arguments on being 1 or a multiple of 16: `sizes` (token counts, H*W) are not specialised at all;
-    `strides` that are multiples of H*W (a channels-first tensor's channel stride) keep the unit-stride
-    class (coalesced loads) but not the multiple-of-16 one. Otherwise the first image whose H*W changes
-    class (1344x704: 924 latent pixels) recompiles the DC-AE's kernels, ~1.7 s. Triton before 3.2 cannot
-    drop only the second class: those strides are then specialised (one compile per class). Measured
-    (docs/performance.md section 9): free channel strides cost the RMSNorm nothing but made the DC-AE
-    attention and GLUMBConv kernels 1.3-2x slower, so those two keep theirs specialised."""
+    `strides` that are multiples of H*W (a channels-first tensor's) keep the unit-stride class (coalesced
+    loads) but not the multiple-of-16 one. Otherwise the first image whose H*W changes class (1344x704: 924
+    latent pixels) recompiles the DC-AE's kernels, ~1.7 s. The price: loads along such a stride are not
+    vectorised (the DC-AE attention and GLUMBConv kernels alone up to 2x slower at 4096 px, the decode
+    unchanged: docs/performance.md section 10). Triton before 3.2 cannot drop only the second class: those
+    strides are then specialised (one compile per class)."""
     options = {"do_not_specialize": list(sizes)}
     if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters:
         options["do_not_specialize_on_alignment"] = list(strides)

@@ -15,11 +15,9 @@ import torch
 from . import HAS_TRITON, size_free, triton, tl, upcast, use_triton
 
 if HAS_TRITON:
-    # strides stay specialised: without the multiple-of-16 class the DC-AE (d stride H*W) runs 2x slower
-    @triton.jit(**size_free(sizes=["N", "n_split"]))
-    def _kv_kernel(k_ptr, v_ptr, m_ptr, kv_ptr, ks_ptr, N, n_split, tokens_per_split,
-                   skb, skh, skn, skd, svb, svh, svn, svd, smb, smn,
-                   D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
+    def _kv(k_ptr, v_ptr, m_ptr, kv_ptr, ks_ptr, N, n_split, tokens_per_split,
+            skb, skh, skn, skd, svb, svh, svn, svd, smb, smn,
+            D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
         h, b, s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)
         heads = tl.num_programs(0)
         d = tl.arange(0, D)
@@ -43,10 +41,9 @@ if HAS_TRITON:
         tl.store(kv_ptr + part * D * D + d[:, None] * D + d[None, :], kv)
         tl.store(ks_ptr + part * D + d, ks)
 
-    @triton.jit(**size_free(sizes=["N", "n_split"]))
-    def _out_kernel(q_ptr, kv_ptr, ks_ptr, o_ptr, N, n_split, tokens_per_split, eps,
-                    sqb, sqh, sqn, sqd, sob, soh, son, sod,
-                    D: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    def _out(q_ptr, kv_ptr, ks_ptr, o_ptr, N, n_split, tokens_per_split, eps,
+             sqb, sqh, sqn, sqd, sob, soh, son, sod,
+             D: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_BF16: tl.constexpr, PRECISION: tl.constexpr):
         h, b, s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)
         heads = tl.num_programs(0)
         d = tl.arange(0, D)
@@ -76,6 +73,18 @@ if HAS_TRITON:
             out = num / (den[:, None] + eps)
             tl.store(o_base + n[:, None] * son + d[None, :] * sod, out.to(o_ptr.dtype.element_ty), mask=live[:, None])
 
+    # Each kernel twice, as Triton specialises integer arguments (1, multiple of 16, other). Tokens-major
+    # (the DiT): every stride is 1 or a multiple of 16 for any N, so all stay specialised (aligned loads).
+    # Channels-first (the DC-AE): the batch, head and channel strides are multiples of H*W, so their
+    # alignment class is dropped and one compile serves every image size (measured: decode time unchanged,
+    # docs/performance.md section 10).
+    _kv_kernel = triton.jit(**size_free(sizes=["N", "n_split"]))(_kv)
+    _out_kernel = triton.jit(**size_free(sizes=["N", "n_split"]))(_out)
+    _kv_kernel_channels_first = triton.jit(**size_free(
+        sizes=["N", "n_split"], strides=["skb", "skh", "skd", "svb", "svh", "svd"]))(_kv)
+    _out_kernel_channels_first = triton.jit(**size_free(
+        sizes=["N", "n_split"], strides=["sqb", "sqh", "sqd", "sob", "soh", "sod"]))(_out)
+
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)  # tl.dot and tl.arange need powers of two >= 16; others use the twin
 _SM_COUNT = {}
@@ -89,8 +98,10 @@ def _num_sms(device) -> int:
     return _SM_COUNT[device]
 
 
-def _attend_triton(q, k, v, out, eps, mask, *, block_n=64, block_m=64, split=None, num_warps=4, num_stages=3):
-    """q, k, v, out: (B, heads, N, D) views with any strides; mask (B, N) or None. Writes out."""
+def _attend_triton(q, k, v, out, eps, mask, *, channels_first=False, block_n=64, block_m=64, split=None,
+                   num_warps=4, num_stages=3):
+    """q, k, v, out: (B, heads, N, D) views with any strides; mask (B, N) or None. Writes out.
+    channels_first: strides that are multiples of N (the DC-AE's), compiled once for every N."""
     B, H, N, D = q.shape
     if D not in TRITON_HEAD_DIMS:
         raise ValueError(f"the Triton linear attention supports head_dim in {TRITON_HEAD_DIMS}, got {D}")
@@ -107,12 +118,14 @@ def _attend_triton(q, k, v, out, eps, mask, *, block_n=64, block_m=64, split=Non
         mask = mask.to(k.dtype)
     m, (smb, smn) = (mask, mask.stride()) if mask is not None else (k, (0, 0))
     grid = (H, B, split)
-    _kv_kernel[grid](k, v, m, kv, ks, N, split, tokens, *k.stride(), *v.stride(), smb, smn,
-                     D=D, BLOCK_N=block_n, HAS_MASK=mask is not None, PRECISION=precision,
+    kv_kernel, out_kernel = (_kv_kernel_channels_first, _out_kernel_channels_first) if channels_first else \
+        (_kv_kernel, _out_kernel)
+    kv_kernel[grid](k, v, m, kv, ks, N, split, tokens, *k.stride(), *v.stride(), smb, smn,
+                    D=D, BLOCK_N=block_n, HAS_MASK=mask is not None, PRECISION=precision,
+                    num_warps=num_warps, num_stages=num_stages)
+    out_kernel[grid](q, kv, ks, out, N, split, tokens, float(eps), *q.stride(), *out.stride(),
+                     D=D, BLOCK_M=block_m, SPLIT_BF16=q.dtype == torch.bfloat16, PRECISION=precision,
                      num_warps=num_warps, num_stages=num_stages)
-    _out_kernel[grid](q, kv, ks, out, N, split, tokens, float(eps), *q.stride(), *out.stride(),
-                      D=D, BLOCK_M=block_m, SPLIT_BF16=q.dtype == torch.bfloat16, PRECISION=precision,
-                      num_warps=num_warps, num_stages=num_stages)
     return out
 
 
@@ -210,7 +223,7 @@ def dcae_linear_attention_triton(qkv, head_dim=32, *, eps=1e-15, out=None, **tun
     B, G, _, D = q.shape
     if out is None:
         out = torch.empty((B, G * D, *qkv.shape[2:]), dtype=qkv.dtype, device=qkv.device)
-    _attend_triton(q, k, v, out.view(B, G, D, -1).transpose(-1, -2), eps, None, **tuning)
+    _attend_triton(q, k, v, out.view(B, G, D, -1).transpose(-1, -2), eps, None, channels_first=True, **tuning)
     return out
 
 

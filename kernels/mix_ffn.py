@@ -40,10 +40,9 @@ if HAS_TRITON:
         vx, vg = vx.to(tl.float32), vg.to(tl.float32)
         return ax + vx * w_bot, ag + vg * g_bot, bx + vx * w_mid, bg + vg * g_mid, nx + vx * w_top, ng + vg * g_top
 
-    @triton.jit(**size_free(sizes=["height", "width", "rows"]))  # strides specialised: as linear_attention
-    def _dwconv_glu_kernel(x_ptr, w_ptr, b_ptr, o_ptr, HID, height, width, rows,
-                           sxb, sxn, sxc, sob, son, soc,
-                           BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _dwconv_glu(x_ptr, w_ptr, b_ptr, o_ptr, HID, height, width, rows,
+                    sxb, sxn, sxc, sob, son, soc,
+                    BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr):
         # program: `rows` output rows x BLOCK_X columns x BLOCK_C channels of one sample. It walks down the
         # input rows once; input row r completes output row r-1, adds to row r and starts row r+1, so each
         # input element is loaded once (its dx neighbours hit L1). The 18 taps (x and gate halves) stay in
@@ -85,6 +84,12 @@ if HAS_TRITON:
             tl.store(dst, (ax * ag * tl.sigmoid(ag)).to(o_ptr.dtype.element_ty), mask=keep)
             ax, ag, bx, bg = bx, bg, nx, ng
 
+    # Twice, as linear_attention's kernels: tokens-major (the DiT) with every stride specialised; channels-first
+    # (the DC-AE) with the alignment of its H*W-multiple strides dropped, so one compile serves every size.
+    _dwconv_glu_kernel = triton.jit(**size_free(sizes=["height", "width", "rows"]))(_dwconv_glu)
+    _dwconv_glu_kernel_channels_first = triton.jit(**size_free(
+        sizes=["height", "width", "rows"], strides=["sxb", "sxc", "sob", "soc"]))(_dwconv_glu)
+
 
 def _check(x, weight, bias, height, width):
     if x.ndim != 3 or x.shape[1] != height * width or x.shape[2] % 2:
@@ -107,33 +112,30 @@ def depthwise_conv_glu_torch(x, weight, bias, height, width):
     return out.contiguous() if x.stride(2) == 1 else out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _out_like(x, hid):  # (B, N, H) in the memory order of x: tokens-major or channels-first
-    B, N, _ = x.shape
-    if x.stride(1) == 1 and x.stride(2) != 1:  # a (B, 2H, h, w).flatten(2).transpose(1, 2) view
-        return torch.empty((B, hid, N), dtype=x.dtype, device=x.device).transpose(1, 2)
-    return torch.empty((B, N, hid), dtype=x.dtype, device=x.device)
-
-
 def depthwise_conv_glu_triton(x, weight, bias, height, width, *, block_x=32, block_c=16, rows=None, num_warps=4,
                               num_stages=2):
     _check(x, weight, bias, height, width)
     B, N, C2 = x.shape
     hid = C2 // 2
     weight, bias = weight.reshape(C2, 9).contiguous(), bias.contiguous()       # (2H, 9): tap dy*3 + dx
-    out = _out_like(x, hid)
+    channels_first = x.stride(1) == 1 and x.stride(2) != 1  # a (B, 2H, h, w).flatten(2).transpose(1, 2) view
+    if channels_first:  # the output in x's memory order
+        out = torch.empty((B, hid, N), dtype=x.dtype, device=x.device).transpose(1, 2)
+    else:
+        out = torch.empty((B, N, hid), dtype=x.dtype, device=x.device)
     if max(sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) for t in (x, out)) >= 2**31:
         raise ValueError(f"depthwise_conv_glu: {tuple(x.shape)} is too large for one call (32-bit offsets "
                          "within a sample); split the image into tiles")
-    block_x = min(block_x, triton.next_power_of_2(width))
+    # BLOCK_X and BLOCK_C stay fixed (narrow grids mask columns): a choice by size would compile per size class
     tiles = triton.cdiv(width, block_x) * triton.cdiv(hid, block_c) * B
     if rows is None:  # long walks down the grid (fewer halo rows), but at least ~1024 programs to fill the GPU
         rows = 32
         while rows > 4 and triton.cdiv(height, rows) * tiles < 1024:
             rows //= 2
     grid = (triton.cdiv(height, rows) * triton.cdiv(width, block_x), triton.cdiv(hid, block_c), B)
-    _dwconv_glu_kernel[grid](x, weight, bias, out, hid, height, width, rows, *x.stride(), *out.stride(),
-                             BLOCK_X=block_x, BLOCK_C=block_c,
-                             num_warps=num_warps, num_stages=num_stages)
+    kernel = _dwconv_glu_kernel_channels_first if channels_first else _dwconv_glu_kernel
+    kernel[grid](x, weight, bias, out, hid, height, width, rows, *x.stride(), *out.stride(),
+                 BLOCK_X=block_x, BLOCK_C=block_c, num_warps=num_warps, num_stages=num_stages)
     return out
 
 

@@ -122,17 +122,14 @@ def channel_rms_norm_triton(x, weight, bias, eps=1e-5, *, residual=None, relu=Fa
         raise ValueError("channel_rms_norm_triton needs tensors whose H, W flatten to one pixel axis "
                          "(contiguous or channels-last, or row slices of those); use channel_rms_norm_torch")
     (sxb, sxc, sxp), (srb, src, srp), (sob, soc, sop) = strides
+    # tiles of 8192 elements chosen by layout and C alone: a choice by image size would compile per size class
     cpow = triton.next_power_of_2(C)
-    if sxc == 1 or sxp != 1:  # channels-last: whole channel rows, 8192 elements a tile
+    if sxc == 1 or sxp != 1:  # channels-last: whole channel rows
         block_c = block_c or min(cpow, 1024)
-        tile_p = max(8192 // block_c, 8)
-    else:                     # NCHW: 64-128 bytes of contiguous pixels per channel, 8192 elements a tile
-        tile_p = block_p or (64 if cpow <= 128 else 32)
-        block_c = block_c or min(cpow, 8192 // tile_p)
-    if block_p is None:
-        block_p = tile_p
-        while block_p > 8 and B * triton.cdiv(H * W, block_p) < 512:  # small images: enough programs for the GPU
-            block_p //= 2
+        block_p = block_p or max(8192 // block_c, 8)
+    else:                     # NCHW: 64-128 bytes of contiguous pixels per channel
+        block_p = block_p or (64 if cpow <= 128 else 32)
+        block_c = block_c or min(cpow, 8192 // block_p)
     num_warps = num_warps or max(1, min(8, block_p * block_c // 1024))
     if wide is None:
         wide = max(sum((n - 1) * abs(s) for n, s in zip(t.shape[1:], t.stride()[1:]))

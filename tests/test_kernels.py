@@ -303,6 +303,65 @@ def test_dcae_blocks_compute_the_same_with_the_kernel():
         assert ours[0].is_contiguous(memory_format=torch.channels_last) == (layout is channels_last)
 
 
+# --- compiles: one per kernel variant, whatever the image size ---
+
+class Launches:
+    """Stands in for a Triton kernel: records what each launch would be compiled for, and runs nothing.
+    Triton compiles once per key: each tensor's dtype, each integer's class (1, a multiple of 16, other;
+    a class the kernel's do_not_specialize / do_not_specialize_on_alignment options drop is not in it)
+    and the compile-time keywords."""
+
+    def __init__(self, name, kernel, keys):
+        self.name, self.names, self.keys = name, kernel.arg_names, keys
+        if hasattr(kernel, "params"):  # a JITFunction
+            self.free = {p.name for p in kernel.params if p.do_not_specialize}
+            self.unaligned = {p.name for p in kernel.params if p.do_not_specialize_on_alignment}
+        else:  # TRITON_INTERPRET's InterpretedFunction keeps the jit options
+            self.free = set(kernel.kwargs.get("do_not_specialize") or ())
+            self.unaligned = set(kernel.kwargs.get("do_not_specialize_on_alignment") or ())
+
+    def __getitem__(self, grid):
+        return self.launch
+
+    def launch(self, *args, **options):
+        key = [self.name]
+        for name, a in zip(self.names, args):
+            if isinstance(a, torch.Tensor):
+                key.append(a.dtype)
+            elif isinstance(a, int) and not isinstance(a, bool) and name not in self.free:
+                key.append("1" if a == 1 else "16" if a % 16 == 0 and name not in self.unaligned else "int")
+        self.keys.append((*key, tuple(sorted(options.items()))))
+
+
+@needs_triton
+def test_new_image_sizes_and_batches_reuse_the_compiled_kernels(monkeypatch, triton_backend):
+    """A DiT forward and a DC-AE decode at other latent sizes (H*W a multiple of 16, 8 mod 16, odd) and
+    batch sizes launch exactly the kernel variants of the first size: a first image at a new size compiles
+    nothing (a compile costs 0.3-2 s; issue 9 allows a first image at a new size 2x a steady one)."""
+    from sana_core.autoencoder import DCAE, DCAEConfig
+    from sana_core.transformer import SanaConfig, SanaTransformer
+    monkeypatch.setenv("SANA_CUDA_GRAPHS", "0")  # nothing runs: no graph to capture
+    keys = []
+    for module in ("linear_attention", "mix_ffn", "adaln", "rms_norm"):
+        module = sys.modules[f"sana_core.kernels.{module}"]
+        for name in [n for n in vars(module) if n.endswith("_kernel") or n.endswith("_kernel_channels_first")]:
+            monkeypatch.setattr(module, name, Launches(name, getattr(module, name), keys))
+    dit = SanaTransformer(SanaConfig(depth=1, width=64, caption_dim=48, self_heads=2, cross_heads=2, mlp_hidden=160),
+                          device=DEVICE)
+    ae = DCAE(DCAEConfig(decoder_widths=(16, 32, 32, 32, 64, 64), decoder_depths=(1,) * 6, encoder_widths=None,
+                         encoder_depths=None, encoder_scales=None), device=DEVICE)
+    variants = {}
+    for batch, h, w in [(1, 4, 4), (1, 3, 5), (1, 2, 7), (1, 4, 6), (2, 4, 4), (3, 3, 5)]:
+        keys.clear()
+        with torch.no_grad():
+            dit(rand(2 * batch, 32, h, w), torch.full((2 * batch,), 500.0, device=DEVICE), rand(2 * batch, 5, 48))
+            ae.decode(rand(batch, 32, h, w))
+        variants[(batch, h, w)] = set(keys)
+    first = variants[(1, 4, 4)]
+    assert first and all(v == first for v in variants.values()), \
+        {size: sorted(map(str, v - first)) for size, v in variants.items() if v != first}
+
+
 # --- dispatch and errors ---
 
 def test_auto_backend_uses_twins_on_cpu_and_switch_is_checked():
