@@ -3,8 +3,13 @@ guidance arithmetic), Gemma's forward and the DC-AE decode of small images, each
 so that a 20-step sample has no per-layer launch gaps.
 
     step = GraphedStep(fn, constants, module=transformer, key=("velocity", ...), tokens=n * B * h * w)
-    v = step(x, t)      # fn(x, t, *constants): eager on the first call (warm-up), captured, then replayed
+    v = step(x, t)      # fn(x, t, *constants): eager at its key's first call, captured at the next, replayed
     release()           # drop every cached graph and give its memory back (before a big decode, on unload)
+
+When a call is captured: the first call of a key (module, caller's key, shapes) with given weights runs
+eagerly, as the warm-up (lazy initialisation, cuDNN plans, Triton compiles; host syncs detected); the next
+one, in this or a later GraphedStep, is captured and replayed. A sampling step is captured at its second
+step; a decode or an encode at its second call with that size, so an image size used once costs no capture.
 
 What a graph holds and when it is dropped:
 - A graph replays fixed device addresses: its static inputs (copied in at every call), its constants
@@ -36,6 +41,7 @@ import torch
 log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 8  # cached graphs (an image needs up to 4: 2 Gemma lengths, the step, the decode); LRU dropped first
+MAX_WARM = 64  # keys remembered as warmed up (captured at their next call); LRU dropped first
 MAX_TOKENS = 8192  # latent tokens per DiT call (batch x CFG/PAG groups x h x w), e.g. 2048 px with CFG at batch 1
 MIN_FREE_BYTES = 2 << 30  # free device memory under which every cached graph is dropped before a capture
 ENV = "SANA_CUDA_GRAPHS"  # "0" / "false" / "off": never capture
@@ -130,6 +136,7 @@ class GraphCache:
     def __init__(self, max_graphs: int = MAX_GRAPHS):
         self.max_graphs = max_graphs
         self.entries = OrderedDict()  # key -> (weakref to module, fingerprint, captured call)
+        self.warm = OrderedDict()  # key -> (weakref to module, fingerprint) of a call that ran eagerly once
         self.pools = {}  # device -> memory pool shared by this cache's graphs
         self.pool_bytes = {}  # device -> device memory reserved while capturing (an estimate of the pools)
 
@@ -162,12 +169,27 @@ class GraphCache:
             self.pool_bytes.pop(device, None)
         if device.type == "cuda" and device not in self.pools:
             self.pools[device] = torch.cuda.graph_pool_handle()
-        reserved = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
+        reserved = 0
+        if device.type == "cuda":  # torch.cuda.graph empties the allocator's cache on entry: measure from there
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            reserved = torch.cuda.memory_reserved(device)
         captured = make(self.pools.get(device))
         if device.type == "cuda":
             self.pool_bytes[device] = self.pool_bytes.get(device, 0) + torch.cuda.memory_reserved(device) - reserved
         self.entries[key] = (weakref.ref(module), fp, captured)
         return captured
+
+    def warmed(self, key, module, fp) -> bool:
+        """Whether a call of `key` already ran eagerly with these weights (so it can be captured now)."""
+        ref, warm_fp = self.warm.get(key, (None, None))
+        return ref is not None and ref() is module and warm_fp == fp
+
+    def mark_warm(self, key, module, fp) -> None:
+        self.warm[key] = (weakref.ref(module), fp)
+        self.warm.move_to_end(key)
+        while len(self.warm) > MAX_WARM:
+            self.warm.popitem(last=False)
 
     def drop_stale(self, module, fp) -> None:
         for key in [k for k, (ref, f, _) in self.entries.items() if ref() is module and f != fp]:
@@ -239,12 +261,15 @@ class GraphedStep:
             captured.load_constants(self.constants)
             self.captured = captured
             return captured(inputs)
-        out, synced = _warm_up(self.fn, inputs, self.constants)  # lazy init, kernel compiles: this step's result
-        if synced:  # a host sync would break the capture (and leave PyTorch's capture state inconsistent)
-            self.warm_ups += 1
-            if self.warm_ups >= 2:  # not just a first-call cache fill: never capturable
-                self.reason = f"the step synchronises with the host ({synced})"
-                log.warning("CUDA graphs: %s; sampling continues without graphs", self.reason)
+        if not self.cache.warmed(key, self.module, self.fingerprint):  # first call: eager
+            out, synced = _warm_up(self.fn, inputs, self.constants)  # lazy init, kernel compiles
+            if not synced:
+                self.cache.mark_warm(key, self.module, self.fingerprint)
+            else:  # a host sync would break the capture (and leave PyTorch's capture state inconsistent)
+                self.warm_ups += 1
+                if self.warm_ups >= 2:  # not just a first-call cache fill: never capturable
+                    self.reason = f"the step synchronises with the host ({synced})"
+                    log.warning("CUDA graphs: %s; sampling continues without graphs", self.reason)
             return out
         device = inputs[0].device
         try:
@@ -260,7 +285,8 @@ class GraphedStep:
                 torch._C._cuda_endAllocateToPool(device.index or 0, pool)
             with contextlib.suppress(Exception):
                 torch.cuda.synchronize(device)
-        return out
+            return self.fn(*inputs, *self.constants)
+        return self.captured(inputs)
 
     def _why_eager(self, inputs) -> str:
         if not self.enabled:

@@ -92,14 +92,15 @@ def test_cpu_and_switch_off_run_eagerly_with_a_reason(monkeypatch):
     assert "off" in off.reason
 
 
-def test_first_call_warms_up_and_captures_then_replays(standin):
+def test_first_call_warms_up_the_second_captures_then_replays(standin):
     lin, fn, calls = model_and_fn()
     x, scale = torch.randn(2, 4), torch.tensor(3.0)
     step = cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8, cache=standin)
-    out1 = step(x)  # eager warm-up (its result is the step's), then capture
-    assert torch.equal(out1, fn(x, scale)) and step.captures == 1 and len(standin) == 1
+    assert torch.equal(step(x), fn(x, scale)) and step.captures == 0 and len(standin) == 0  # eager warm-up
     x2 = torch.randn(2, 4)
-    assert torch.equal(step(x2), fn(x2, scale)) and StandIn.made[0].replays == 1  # new input copied in
+    assert torch.equal(step(x2), fn(x2, scale)) and step.captures == 1 and StandIn.made[0].replays == 1
+    x3 = torch.randn(2, 4)
+    assert torch.equal(step(x3), fn(x3, scale)) and StandIn.made[0].replays == 2  # new input copied in
     # a new sampling call (new constants, same shapes and weights) reuses the graph with its constants loaded
     again = cg.GraphedStep(fn, (torch.tensor(5.0),), module=lin, key="k", tokens=8, cache=standin)
     assert torch.equal(again(x2), fn(x2, torch.tensor(5.0))) and again.captures == 0 and len(StandIn.made) == 1
@@ -109,29 +110,33 @@ def test_new_shape_or_key_captures_another_and_the_cache_is_bounded(standin):
     lin, fn, _ = model_and_fn()
     scale = torch.tensor(1.0)
     for batch in (1, 2, 3):  # three shapes, room for two
-        cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8, cache=standin)(torch.randn(batch, 4))
+        step = cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8, cache=standin)
+        step(torch.randn(batch, 4)), step(torch.randn(batch, 4))
     assert len(StandIn.made) == 3 and len(standin) == 2
     step = cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8, cache=standin)
-    step(torch.randn(1, 4))  # the least recently used (batch 1) was dropped: captured again
+    step(torch.randn(1, 4))  # the least recently used (batch 1) was dropped: captured again, no second warm-up
     assert step.captures == 1
     other = cg.GraphedStep(fn, (scale,), module=lin, key="other guidance", tokens=8, cache=standin)
-    other(torch.randn(1, 4))
-    assert other.captures == 1  # a different key never shares a graph
+    other(torch.randn(1, 4)), other(torch.randn(1, 4))
+    assert other.captures == 1 and len(StandIn.made) == 5  # a different key never shares a graph
 
 
 def test_weights_that_move_or_change_dtype_drop_that_models_graphs(standin):
     lin, fn, _ = model_and_fn()
     keep, keep_fn, _ = model_and_fn()
     x, scale = torch.randn(2, 4), torch.tensor(1.0)
-    cg.GraphedStep(keep_fn, (scale,), module=keep, key="k", tokens=8, cache=standin)(x)  # another model's graph
-    cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8, cache=standin)(x)
+    for model, f in ((keep, keep_fn), (lin, fn)):  # another model's graph, and this one's
+        step = cg.GraphedStep(f, (scale,), module=model, key="k", tokens=8, cache=standin)
+        step(x), step(x)
     lin.weight.data = lin.weight.data.clone()  # offloaded and reloaded: new addresses
     step = cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8, cache=standin)
-    assert torch.equal(step(x), fn(x, scale)) and step.captures == 1  # stale graph dropped, captured anew
-    assert len(standin) == 2  # the other model's graph is untouched
+    assert torch.equal(step(x), fn(x, scale)) and step.captures == 0  # stale graph dropped, warmed up anew
+    assert len(standin) == 1  # the other model's graph is untouched
+    assert torch.equal(step(x), fn(x, scale)) and step.captures == 1 and len(standin) == 2
     lin.to(torch.float64)
     x64 = x.double()
     step = cg.GraphedStep(fn, (scale.double(),), module=lin, key="k", tokens=8, cache=standin)
+    step(x64)
     assert torch.equal(step(x64), fn(x64, scale.double())) and step.captures == 1
     assert sum(ref() is lin for ref, _, _ in standin.entries.values()) == 1
 
@@ -200,7 +205,7 @@ def test_sampling_through_the_graph_path_equals_eager(standin, monkeypatch):
 
 def test_gemma_and_decode_through_the_graph_path_equal_eager(standin, monkeypatch, tmp_path):
     """Gemma's layers (one graph per prompt length) and the DC-AE decode replayed from (stand-in) graphs
-    give the eager results, and a second call replays instead of capturing."""
+    give the eager results: each runs eagerly at its first call, is captured at the second, replayed after."""
     standin.max_graphs = 4
     monkeypatch.setattr(cg, "CACHE", standin)
     te = load_text_encoder(write_demo_text_encoder(tmp_path / "te.safetensors"), device="cpu")
@@ -211,9 +216,9 @@ def test_gemma_and_decode_through_the_graph_path_equal_eager(standin, monkeypatc
     monkeypatch.setattr(cg.GraphedStep, "_why_eager", lambda self, inputs: "eager reference")
     eager = [call() for call in calls]
     monkeypatch.setattr(cg.GraphedStep, "_why_eager", lambda self, inputs: "")
-    for _ in range(2):
+    for made in (0, 3, 3):  # captured once each (two prompt lengths, one decode)
         assert all(torch.equal(call(), ref) for call, ref in zip(calls, eager))
-        assert len(StandIn.made) == 3  # captured once each (two prompt lengths, one decode)
+        assert len(StandIn.made) == made
     assert all(made.replays >= 1 for made in StandIn.made)
 
 
