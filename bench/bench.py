@@ -586,6 +586,39 @@ def row_e2e(variant, px):
     return r
 
 
+def row_e2e_sprint(variant, px, steps_list=(1, 2, 4)):
+    """Sana-Sprint prompt -> PIL image at 1, 2 and 4 steps, ours and diffusers' SanaSprintPipeline, with
+    ours' phase breakdown (encode / sample / decode / host) at each step count."""
+    from diffusers import SanaSprintPipeline, SCMScheduler
+    te = our_text_encoder()
+    dit, ae = our_dit(variant), our_dcae()
+    ref_dit, ref_ae = diffusers_dit(dit), diffusers_dcae(ae)
+    ours = P.SanaPipeline(dit, ae, te)
+    theirs = SanaSprintPipeline(tokenizer=te.tokenizer, text_encoder=DiffusersGemma(te), vae=ref_ae,
+                                transformer=ref_dit, scheduler=SCMScheduler())
+    theirs.set_progress_bar_config(disable=True)
+    r = dict(kind="e2e", variant=variant, px=px, cfg=4.5, note="Sana-Sprint, scm, embedded guidance 4.5, "
+             "every model resident; ours_ms/diffusers_ms: the 1-step image")
+    for steps in steps_list:
+        ours_call = lambda: ours(PROMPT, width=px, height=px, steps=steps, cfg=4.5, seed=0)  # noqa: E731
+        theirs_call = lambda: theirs(PROMPT, num_inference_steps=steps, guidance_scale=4.5, height=px,  # noqa: E731
+                                     width=px, use_resolution_binning=False, complex_human_instruction=CHI,
+                                     generator=torch.Generator().manual_seed(0), output_type="pil").images
+        for _ in range(2):
+            wall_s(ours_call)  # warm-up: compile, capture at the second call
+        r[f"ours_{steps}step_ms"] = 1000 * statistics.median(wall_s(ours_call)[0] for _ in range(5))
+        r[f"ours_{steps}step_phases_ms"] = phase_ms(ours_call, te, ae)
+        wall_s(theirs_call)
+        r[f"diffusers_{steps}step_ms"] = 1000 * statistics.median(wall_s(theirs_call)[0] for _ in range(3))
+    r["ours_ms"], r["diffusers_ms"] = r[f"ours_{steps_list[0]}step_ms"], r[f"diffusers_{steps_list[0]}step_ms"]
+    r["ours_mode"] = "cuda graphs"
+    r.update(graphs_held())
+    del ours, theirs, te, dit, ae, ref_dit, ref_ae
+    cuda_graphs.release()
+    free_all()
+    return r
+
+
 @contextlib.contextmanager
 def env(name, value):
     old = os.environ.get(name)
@@ -789,6 +822,7 @@ ROWS = {
     "gemma": row_gemma,
     "e2e-1.6b-1024": lambda: row_e2e("sana-1.6b", 1024),
     "e2e-1.6b-4096": lambda: row_e2e("sana-1.6b", 4096),
+    "e2e-sprint-1.6b-1024": lambda: row_e2e_sprint("sana-sprint-1.6b", 1024),
     "mem-1.6b-1024": lambda: row_mem("sana-1.6b", 1024),
     "mem-1.6b-4096": lambda: row_mem("sana-1.6b", 4096),
     "mem-4.8b-1024": lambda: row_mem("sana-1.5-4.8b", 1024),
@@ -871,6 +905,12 @@ def table(rows: dict) -> str:
                      f"{fmt(ours / eager if ours and eager else None, 2)} | "
                      f"{fmt(ours / best if ours and best else None, 2)} | {fmt(tflops, 0)} | "
                      f"{fmt(r.get('ours_peak_gib'), 2)} | {fmt(r.get('diffusers_peak_gib'), 2)} |")
+    phases = [(f"{name} {key[5:-10].replace('_', '') or 'image'}", r[key]) for name, r in rows.items()
+              for key in sorted(r) if key.startswith("ours_") and key.endswith("phases_ms")]
+    if phases:  # end-to-end rows: where ours' time goes
+        lines += ["", "| end to end (ours) | encode ms | sample ms | decode ms | host/other ms |", "|---|---|---|---|---|"]
+        lines += [f"| {label} | {fmt(p.get('encode'))} | {fmt(p.get('sample'))} | {fmt(p.get('decode'))} | "
+                  f"{fmt(p.get('other'))} |" for label, p in phases]
     return "\n".join(lines)
 
 
