@@ -194,11 +194,13 @@ def our_dit(variant, seed=0):
     return randomize_(T.SanaTransformer(T.CONFIGS[variant], dtype=BF16, device=DEV), seed)
 
 
-def dit_to_diffusers(sd):
+def dit_to_diffusers(sd, sprint=False):
     """Original names -> diffusers SanaTransformer2DModel names: the inverse of transformer.py's maps."""
     names, block_names = {}, {}
     for theirs, ours in T.DIFFUSERS_NAMES.items():
-        names.setdefault(ours, theirs)  # first wins: the non-Sprint timestep embedder
+        if sprint == theirs.startswith("time_embed.timestep_embedder."):  # Sprint's embedder sits one level up
+            names[ours] = theirs
+        names.setdefault(ours, theirs)
     for theirs, ours in T.DIFFUSERS_BLOCK_NAMES.items():
         block_names.setdefault(ours, theirs)
     out = {}
@@ -229,7 +231,7 @@ def diffusers_dit(ours):
             caption_channels=cfg.caption_dim, mlp_ratio=cfg.mlp_hidden / cfg.width, sample_size=cfg.base_size or 32,
             interpolation_scale=cfg.pe_interpolation, guidance_embeds=cfg.sprint,
             qk_norm="rms_norm_across_heads" if cfg.qk_norm else None)
-    ref.load_state_dict(dit_to_diffusers(ours.state_dict()))
+    ref.load_state_dict(dit_to_diffusers(ours.state_dict(), cfg.sprint))
     return ref.eval().requires_grad_(False)
 
 
