@@ -88,9 +88,9 @@ class SanaTextEncoderLoader:
             "device": (TEXT_ENCODER_PLACEMENTS, {
                 "default": "auto",
                 "tooltip": "auto: where ComfyUI runs text encoders: the GPU, or the CPU with --lowvram, --novram, "
-                           "--cpu or no GPU; ComfyUI evicts it when memory is needed. gpu: always the GPU. gpu, "
-                           "offload after encoding: moves its ~5 GB off the GPU right after each encode (16 GB "
-                           "cards, 4K). cpu: always the CPU (slower, no GPU memory)."}),
+                           "--cpu, no GPU or one without fp16; ComfyUI evicts it when memory is needed. gpu: always "
+                           "the GPU. gpu, offload after encoding: moves its ~5 GB off the GPU right after each "
+                           "encode (16 GB cards, 4K). cpu: always the CPU (slower, no GPU memory)."}),
         }}
 
     @classmethod

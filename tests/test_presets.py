@@ -7,8 +7,10 @@ import inspect
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from sana_core.resolution import ASPECT_RATIO_BINS, COMMON_RATIOS, binned_size, bin_sizes, parse_aspect_ratio
 from sana_nodes.latent import CUSTOM, PRESETS, SanaEmptyLatent
@@ -84,3 +86,36 @@ def test_text_encoder_device_defaults_to_auto_and_keeps_round1_values():
     for value in ["gpu", "gpu, offload after encoding", "cpu"]:  # round 1's list
         assert accepted(SanaTextEncoderLoader, "device", value)
     assert "--lowvram" in options["tooltip"] and "auto:" in options["tooltip"]
+
+
+def test_text_encoder_device_choices_reach_the_host(monkeypatch):
+    from sana_nodes import loaders
+
+    placements = []
+    monkeypatch.setattr(loaders, "_load", lambda kind, name, dtype, placement: placements.append(placement)
+                        or SimpleNamespace())
+    choices, _ = SanaTextEncoderLoader.INPUT_TYPES()["required"]["device"]
+    offloaded = [SanaTextEncoderLoader().load("gemma", "auto", device)[0].offload_after_use for device in choices]
+    assert list(zip(choices, placements, offloaded)) == [
+        ("auto", "auto", False), ("gpu", "gpu", False), ("gpu, offload after encoding", "gpu", True), ("cpu", "cpu", False)]
+
+
+def test_auto_runs_the_text_encoder_where_comfyui_runs_text_encoders():
+    from sana_nodes import host
+
+    class ModelManagement:  # comfy.model_management as it answers with --lowvram on a GPU machine
+        def get_torch_device(self):
+            return torch.device("cuda", 0)
+
+        def text_encoder_device(self):
+            return torch.device("cpu")
+
+        def text_encoder_offload_device(self):
+            return torch.device("cpu")
+
+    comfy = object.__new__(host.ComfyHost)  # without ComfyUI's modules: only its model_management is asked
+    comfy.mm = ModelManagement()
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert comfy.devices("text_encoder", "auto") == (cpu, cpu)
+    assert comfy.devices("text_encoder", "gpu") == (gpu, cpu)
+    assert comfy.devices("text_encoder", "cpu") == (cpu, cpu)
