@@ -344,6 +344,14 @@ try {
   const big = presetLabels.find((l) => l.startsWith('4K · 1:1 · 4096x4096'))
   assert.ok(big, `preset labels: ${presetLabels.slice(0, 4).join(', ')}...`)
 
+  const fresh = await page.evaluate(() => {
+    const node = window.LiteGraph.createNode('SanaEmptyLatent') // as from the node library
+    const values = Object.fromEntries(node.widgets.map((w) => [w.name, w.value]))
+    return [values.preset, values.width, values.height, node.sanaLines()]
+  })
+  assert.deepEqual(fresh, ['1024px · 1:1 · 1024x1024', 1024, 1024, ['latent 32×32 · 1,024 tokens', 'native 1024 bin size ✓']])
+  log(`a new SANA Empty Latent: ${JSON.stringify(fresh)}`)
+
   const shown = await pickFromCombo(latentId, 'preset', '16:9')
   assert.deepEqual(shown, ['1024px · 16:9 · 1344x768', '2K · 16:9 · 2688x1536', '4K · 16:9 · 5376x3072', '512px · 16:9 · 672x384'])
   let s = await latent()
