@@ -1,10 +1,12 @@
 // SANA frontend extension: resolution presets and latent size on SanaEmptyLatent, generation stats
-// on SanaSampler, "model file not installed" on the loaders. Touches only this pack's node types.
+// and the flow_shift default on SanaSampler, "model file not installed" on the loaders. Touches only
+// this pack's node types.
 // The logic lives in sana_logic.js (tested under Node); this file wires it to the canvas.
 import { app } from '../../scripts/app.js'
 import { api } from '../../scripts/api.js'
 import {
   LOADER_FOLDERS,
+  flowShiftText,
   latentInfoLines,
   missingModelLines,
   presetForSize,
@@ -12,6 +14,8 @@ import {
   snap32,
   statsFromOutput,
   statsLines,
+  trainedSizes,
+  upgradePreset,
   wrapText
 } from './sana_logic.js'
 
@@ -30,18 +34,50 @@ function isThisPack(nodeData) {
 
 let folderPaths = {} // {folder: [absolute dirs]} from the server, for the loaders' messages
 let lastToast = null // the missing-models toast of the last workflow load
+// Whether the graph being loaded is a new load (file, drop, template) rather than ComfyUI restoring one
+// (tab switch, undo): it restores with its missing-models dialog off, and the toast follows it.
+let freshLoad = true
 
 function comboValues(widget) {
   const values = widget?.options?.values
   return typeof values === 'function' ? values() : values || []
 }
 
+// Height the info widget takes in its node: its lines and the 4 px LiteGraph puts under each widget.
+function shownHeight(info) {
+  return info.hidden ? 0 : info.computeSize()[1] + 4
+}
+
+// Re-reads a node's info lines; the node grows or shrinks by what the text needs (the user's own
+// resizing kept). `ctx` measures the text: the drawing context, or the canvas's outside a draw.
+function refreshInfo(node, ctx) {
+  const info = node.sanaInfo
+  if (!info || !ctx || node.flags?.collapsed) return
+  ctx.save()
+  ctx.font = FONT
+  const rows = node.sanaLines().flatMap((line) => wrapText(line, node.size[0] - 20, (t) => ctx.measureText(t).width))
+  ctx.restore()
+  if (rows.join('\n') === info.rows.join('\n')) return
+  const before = shownHeight(info)
+  info.rows = rows
+  info.hidden = rows.length === 0
+  const after = shownHeight(info)
+  if (after !== before) node.setSize([node.size[0], Math.max(node.computeSize()[1], node.size[1] + after - before)])
+  node.setDirtyCanvas?.(true, true)
+}
+
+function canvasContext() {
+  return app.canvas?.canvas?.getContext?.('2d') ?? null
+}
+
 // Adds a read-only text widget under a node type's widgets: `linesOf(node)` -> lines to show.
 // It is a canvas widget (drawn in the node's stacking order, laid out above ComfyUI's image
 // previews), never serialized (no widgets_values entry, no prompt input), hidden when there is
 // nothing to say, and not clickable. `node.sanaLines()` returns what it shows.
+// Sizes are computed, never accumulated: the saved size leaves the text out (it is re-added when the
+// node is drawn), so reloading a workflow (tab switch, re-opening the file) gives the same size.
 function addInfoWidget(nodeType, linesOf, color) {
-  const { onNodeCreated, onDrawForeground } = nodeType.prototype
+  const { onNodeCreated, onDrawForeground, onSerialize } = nodeType.prototype
   nodeType.prototype.sanaLines = function () {
     return linesOf(this)
   }
@@ -73,23 +109,15 @@ function addInfoWidget(nodeType, linesOf, color) {
     return r
   }
   // Re-read the lines every frame (cheap): they follow widget edits, workflow loads, run results and
-  // refreshed model lists alike. The node grows or shrinks by what the text needs.
+  // refreshed model lists alike.
   nodeType.prototype.onDrawForeground = function (ctx) {
     const r = onDrawForeground?.apply(this, arguments)
-    const info = this.sanaInfo
-    if (!info || this.flags?.collapsed) return r
-    ctx.save()
-    ctx.font = FONT
-    const rows = linesOf(this).flatMap((line) => wrapText(line, this.size[0] - 20, (t) => ctx.measureText(t).width))
-    ctx.restore()
-    if (rows.join('\n') !== info.rows.join('\n')) {
-      const before = info.hidden ? 0 : info.computeSize(this.size[0])[1] + 4
-      info.rows = rows
-      info.hidden = rows.length === 0
-      const after = info.hidden ? 0 : info.computeSize(this.size[0])[1] + 4
-      if (after !== before) this.setSize([this.size[0], Math.max(this.computeSize()[1], this.size[1] + after - before)])
-      this.setDirtyCanvas?.(true, true)
-    }
+    refreshInfo(this, ctx)
+    return r
+  }
+  nodeType.prototype.onSerialize = function (o) {
+    const r = onSerialize?.apply(this, arguments)
+    if (this.sanaInfo && Array.isArray(o.size)) o.size[1] -= shownHeight(this.sanaInfo)
     return r
   }
 }
@@ -104,8 +132,9 @@ function afterCallback(widget, after) {
   }
 }
 
-function setupEmptyLatent(nodeType) {
-  const { onNodeCreated } = nodeType.prototype
+function setupEmptyLatent(nodeType, nodeData) {
+  const trained = trainedSizes(nodeData.input?.required?.preset?.[1]?.trained_sizes)
+  const { onNodeCreated, onConfigure } = nodeType.prototype
   nodeType.prototype.onNodeCreated = function () {
     const r = onNodeCreated?.apply(this, arguments)
     const width = this.widgets?.find((w) => w.name === 'width')
@@ -135,26 +164,50 @@ function setupEmptyLatent(nodeType) {
     }
     return r
   }
+  // A saved round-1 preset label shows as today's preset of that size (or custom with that size).
+  nodeType.prototype.onConfigure = function () {
+    const r = onConfigure?.apply(this, arguments)
+    const { width, height, preset } = this.sanaWidgets || {}
+    const upgrade = preset && upgradePreset(comboValues(preset), preset.value)
+    if (upgrade) {
+      preset.value = upgrade.preset
+      width.value = upgrade.width
+      height.value = upgrade.height
+    }
+    return r
+  }
   addInfoWidget(
     nodeType,
     (node) => {
       const w = node.sanaWidgets
-      if (!w) return []
-      const presets = w.preset ? presetsFromOptions(comboValues(w.preset)) : []
-      return latentInfoLines(presets, w.width.value, w.height.value)
+      return w ? latentInfoLines(trained, w.width.value, w.height.value) : []
     },
     INFO_COLOR
   )
 }
 
 function setupSampler(nodeType) {
-  const { onExecuted } = nodeType.prototype
+  const { onNodeCreated, onExecuted } = nodeType.prototype
+  nodeType.prototype.onNodeCreated = function () {
+    const r = onNodeCreated?.apply(this, arguments)
+    // flow_shift 0 reads "0 = model default" on the node (LiteGraph's number widgets draw _displayValue).
+    const shift = this.widgets?.find((w) => w.name === 'flow_shift')
+    const number = shift && Object.getOwnPropertyDescriptor(Object.getPrototypeOf(shift), '_displayValue')
+    if (number?.get) {
+      Object.defineProperty(shift, '_displayValue', {
+        configurable: true,
+        get() {
+          return (!this.computedDisabled && flowShiftText(this.value)) || number.get.call(this)
+        }
+      })
+    }
+    return r
+  }
   nodeType.prototype.onExecuted = function (output) {
     const r = onExecuted?.apply(this, arguments)
-    const stats = statsFromOutput(output)
-    if (stats) {
-      this.sanaStats = stats
-      this.setDirtyCanvas?.(true, true)
+    if (output && 'sana_stats' in output) {
+      this.sanaStats = statsFromOutput(output) // null when the run sampled nothing: the old stats go
+      refreshInfo(this, canvasContext())
     }
     return r
   }
@@ -200,6 +253,11 @@ app.registerExtension({
   name: 'SANA.frontend',
 
   async setup() {
+    const loadGraphData = app.loadGraphData
+    app.loadGraphData = function (graphData, clean, restoreView, workflow, options) {
+      freshLoad = options?.showMissingModelsDialog !== false
+      return loadGraphData.apply(this, arguments)
+    }
     try {
       if (typeof api.getFolderPaths === 'function') folderPaths = (await api.getFolderPaths()) || {}
       else {
@@ -213,18 +271,21 @@ app.registerExtension({
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!isThisPack(nodeData)) return
-    if (nodeData.name === 'SanaEmptyLatent') setupEmptyLatent(nodeType)
+    if (nodeData.name === 'SanaEmptyLatent') setupEmptyLatent(nodeType, nodeData)
     else if (nodeData.name === 'SanaSampler') setupSampler(nodeType)
     else if (Object.hasOwn(LOADER_FOLDERS, nodeData.name)) setupLoader(nodeType, nodeData.name)
   },
 
-  // After a workflow loads: one toast listing the SANA loaders whose files are not installed.
+  // After a workflow loads: every info line sized (drawn or not, so the layout is final at once), and,
+  // on a new load only (not a tab switch or undo), one toast listing the loaders whose files are missing.
   async afterConfigureGraph() {
+    const ctx = canvasContext()
+    for (const node of app.graph?.nodes || []) refreshInfo(node, ctx)
     const toast = app.extensionManager?.toast
     if (lastToast) toast?.remove?.(lastToast)
     lastToast = null
     const missing = (app.graph?.nodes || []).filter((node) => missingLines(node).length)
-    if (!missing.length || !toast) return
+    if (!freshLoad || !missing.length || !toast) return
     const detail = missing.map((node) => {
       const [what, where] = missingLines(node)
       return `${node.title}: ${what.replace('⚠ ', '')}; ${where}`

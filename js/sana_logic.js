@@ -1,9 +1,9 @@
 // Pure logic of the SANA frontend extension: no DOM, no ComfyUI imports, so the browser
 // (through sana.js) and Node's test runner (tests/js/) load the same file.
 //
-// The aspect-ratio bins are NOT copied here. The one table lives in sana_core/resolution.py;
-// the SanaEmptyLatent node lists it as its preset combo (labels like "1024: 1024x1024 (1:1)")
-// and presetsFromOptions() reads the sizes back out of those labels.
+// The aspect-ratio bins are NOT copied here. The one table lives in sana_core/resolution.py; the
+// SanaEmptyLatent node sends it as its preset input's "trained_sizes" option (read by trainedSizes()),
+// and its preset labels ("1024px · 16:9 · 1344x768") carry their sizes (read by presetsFromOptions()).
 
 export const LATENT_FACTOR = 32 // DC-AE f32c32: one latent pixel per 32x32 image pixels
 export const BIN_SIDES = [512, 1024, 2048, 4096] // the four bins, named by the side of their square size
@@ -43,8 +43,9 @@ const BIN_NAMES = { '512': 512, '1024': 1024, '2048': 2048, '4096': 4096, '1k': 
 
 /**
  * One preset label -> { label, bin, width, height }, or null for labels without a size ("custom").
- * Reads "WxH" (x or ×); the bin is a leading "512" / "1024" / "2048" / "4096" / "1K" / "2K" / "4K"
- * when the label starts with one followed by a separator, else the bin nearest in area.
+ * Reads "WxH" (x or ×); the bin is a leading "512" / "1024px" / "2048" / "4096" / "1K" / "2K" / "4K"
+ * when the label starts with one followed by a separator ("1024px · 16:9 · 1344x768", round 1's
+ * "1024: 1344x768 (7:4)"), else the bin nearest in area.
  */
 export function parsePreset(label) {
   if (typeof label !== 'string') return null
@@ -53,7 +54,7 @@ export function parsePreset(label) {
   const width = Number(size[1])
   const height = Number(size[2])
   if (!(width > 0 && height > 0)) return null
-  const prefix = label.slice(0, size.index).match(/^\s*(\d+k?)\s*(?:px)?\s*[:|/\-–,]/i)
+  const prefix = label.slice(0, size.index).match(/^\s*(\d+k?)\s*(?:px)?\s*[:|/\-–,·]/i)
   const bin = (prefix && BIN_NAMES[prefix[1].toLowerCase()]) || binForArea(width, height)
   return { label, bin, width, height }
 }
@@ -61,6 +62,14 @@ export function parsePreset(label) {
 /** All presets of a combo's option list, in list order; labels without a size are skipped. */
 export function presetsFromOptions(values) {
   return (Array.isArray(values) ? values : []).map(parsePreset).filter(Boolean)
+}
+
+/** The node's "trained_sizes" option {"1024": [[width, height], ...], ...} -> [{ bin, width, height }]. */
+export function trainedSizes(table) {
+  if (!table || typeof table !== 'object') return []
+  return Object.entries(table).flatMap(([bin, sizes]) =>
+    (Array.isArray(sizes) ? sizes : []).map(([width, height]) => ({ bin: Number(bin), width, height }))
+  )
 }
 
 /** Options that carry no size (e.g. "custom"): what to select when width/height match no preset. */
@@ -84,6 +93,20 @@ export function presetForSize(values, width, height, current) {
 }
 
 /**
+ * What a node saved with an older preset label that is no longer listed (round 1's "1024: 1344x768 (7:4)")
+ * shows instead: { preset, width, height } with the listed preset of that size, or the first size-less
+ * option ("custom") and that size, so the node still makes what it made. null when `value` is listed or
+ * names no size (the server then says what is wrong).
+ */
+export function upgradePreset(values, value) {
+  if (!Array.isArray(values) || values.includes(value)) return null
+  const old = parsePreset(value)
+  if (!old) return null
+  const preset = presetForSize(values, old.width, old.height, null)
+  return preset === null ? null : { preset, width: old.width, height: old.height }
+}
+
+/**
  * height / width rounded to 2 decimals as Python's round() does it: the key of the size in the
  * diffusers/sana_core bin tables ("0.57" for 768x1344). toFixed agrees with Python except on exact
  * ties (a ratio like 3.625 that a double holds exactly), which Python rounds half to even.
@@ -102,14 +125,15 @@ export function ratioKey(width, height) {
  * The model's native size for width x height: the bin nearest in area, and in it the size whose
  * ratio key is nearest to height / width (diffusers' classify_height_width_bin and sana_core's
  * binned_size; on a tie the smaller key, as their min over the ascending table picks).
- * Returns { bin, width, height, exact } or null when the presets hold no size of that bin.
+ * `trained`: [{ bin, width, height }] (trainedSizes()). Returns { bin, width, height, exact }, or null
+ * when `trained` holds no size of that bin.
  */
-export function nativeBin(presets, width, height) {
+export function nativeBin(trained, width, height) {
   const bin = binForArea(width, height)
   const ratio = height / width
   let best = null
   let bestDistance = Infinity
-  for (const p of presets) {
+  for (const p of trained) {
     if (p.bin !== bin) continue
     const key = ratioKey(p.width, p.height)
     const distance = Math.abs(key - ratio)
@@ -126,14 +150,14 @@ function binName(side) {
   return side >= 2048 ? `${side / 1024}K` : String(side)
 }
 
-/** The lines SanaEmptyLatent shows under its widgets. */
-export function latentInfoLines(presets, width, height) {
+/** The lines SanaEmptyLatent shows under its widgets; `trained` as for nativeBin(). */
+export function latentInfoLines(trained, width, height) {
   const w = Number(width)
   const h = Number(height)
   if (!(w > 0 && h > 0)) return []
   const { latentWidth, latentHeight, tokens } = latentTokens(w, h)
   const lines = [`latent ${latentWidth}×${latentHeight} · ${tokens.toLocaleString('en-US')} tokens`]
-  const native = nativeBin(presets, w, h)
+  const native = nativeBin(trained, w, h)
   if (native && native.exact) lines.push(`native ${binName(native.bin)} bin size ✓`)
   else if (native) lines.push(`${binName(native.bin)} bin: nearest native ${native.width}×${native.height}`)
   return lines
@@ -213,4 +237,42 @@ export function missingModelLines(value, installed, folders, folderPaths = {}) {
   const sameName = typeof value === 'string' && options.find((o) => basename(o) === basename(value))
   if (sameName) lines.push(`(installed under another path: ${sameName})`)
   return lines
+}
+
+/** What SanaSampler's flow_shift shows instead of its number: 0 means the model's own shift. */
+export function flowShiftText(value) {
+  return Number(value) === 0 ? '0 = model default' : null
+}
+
+// --- Layout: which nodes of a graph cover each other or fall outside the view.
+
+/** A node's rectangle in canvas units, title bar included: [x, y, width, height]. */
+export function nodeBox(pos, size, titleHeight) {
+  return [pos[0], pos[1] - titleHeight, size[0], size[1] + titleHeight]
+}
+
+/** [[idA, idB], ...] for every two of `boxes` ({ id, box }) that overlap by more than `tolerance` on both axes. */
+export function overlaps(boxes, tolerance = 0) {
+  const pairs = []
+  boxes.forEach((a, i) => {
+    for (const b of boxes.slice(i + 1)) {
+      const dx = Math.min(a.box[0] + a.box[2], b.box[0] + b.box[2]) - Math.max(a.box[0], b.box[0])
+      const dy = Math.min(a.box[1] + a.box[3], b.box[1] + b.box[3]) - Math.max(a.box[1], b.box[1])
+      if (dx > tolerance && dy > tolerance) pairs.push([a.id, b.id])
+    }
+  })
+  return pairs
+}
+
+/** The canvas area a view shows: LiteGraph's DragAndScale { offset, scale } over a width x height element. */
+export function viewBox(offset, scale, width, height) {
+  return [-offset[0], -offset[1], width / scale, height / scale]
+}
+
+/** Ids of `boxes` ({ id, box }) not wholly inside `view` ([x, y, width, height]). */
+export function outsideView(boxes, view) {
+  const [x, y, w, h] = view
+  return boxes
+    .filter(({ box }) => box[0] < x || box[1] < y || box[0] + box[2] > x + w || box[1] + box[3] > y + h)
+    .map(({ id }) => id)
 }

@@ -14,7 +14,7 @@ class SanaTextEncode:
             "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
                                 "tooltip": "The prompt. For the negative prompt leave it empty (SANA's default) and "
                                            "turn instruction off."}),
-            "instruction": ("BOOLEAN", {"default": True, "label_on": "on", "label_off": "off",
+            "instruction": ("BOOLEAN", {"default": True, "label_on": "on (prompt)", "label_off": "off (negative)",
                                         "tooltip": "on: prepend SANA's complex human instruction (how the model was "
                                                    "trained for prompts). off: plain text, for negative or empty "
                                                    "prompts."}),

@@ -271,7 +271,8 @@ class ComfyHost:
             return mm.vae_device(), mm.vae_offload_device()
         if placement == "cpu":
             return cpu, cpu
-        return mm.get_torch_device(), mm.text_encoder_offload_device()
+        load = mm.text_encoder_device() if placement == "auto" else mm.get_torch_device()  # or "gpu"
+        return load, mm.text_encoder_offload_device()
 
     def dtype(self, kind: str, choice: str, device) -> torch.dtype:
         if choice in DTYPES:

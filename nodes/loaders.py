@@ -10,7 +10,8 @@ from sana_core.checkpoints import CheckpointError
 from . import host
 
 DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
-TEXT_ENCODER_PLACEMENTS = ["gpu", "gpu, offload after encoding", "cpu"]
+# "auto": where ComfyUI runs its text encoders; the others (round 1's values) pin it.
+TEXT_ENCODER_PLACEMENTS = ["auto", "gpu", "gpu, offload after encoding", "cpu"]
 
 
 def _load(kind: str, name: str, dtype: str, placement: str = "gpu", **hints) -> host.ManagedModel:
@@ -85,10 +86,11 @@ class SanaTextEncoderLoader:
                 "default": "auto",
                 "tooltip": "auto: bf16 on GPUs that support it, else fp32 (Gemma-2 overflows in fp16)."}),
             "device": (TEXT_ENCODER_PLACEMENTS, {
-                "default": "gpu",
-                "tooltip": "gpu: runs on the GPU and ComfyUI evicts it when memory is needed. gpu, offload after "
-                           "encoding: moves its ~5 GB off the GPU right after each encode (16 GB cards, 4K). "
-                           "cpu: always on the CPU (slow, but no GPU memory)."}),
+                "default": "auto",
+                "tooltip": "auto: where ComfyUI runs text encoders: the GPU, or the CPU with --lowvram, --novram, "
+                           "--cpu, no GPU or one without fp16; ComfyUI evicts it when memory is needed. gpu: always "
+                           "the GPU. gpu, offload after encoding: moves its ~5 GB off the GPU right after each "
+                           "encode (16 GB cards, 4K). cpu: always the CPU (slower, no GPU memory)."}),
         }}
 
     @classmethod
@@ -103,8 +105,8 @@ class SanaTextEncoderLoader:
     DESCRIPTION = "Loads the Gemma-2 text encoder SANA uses, offline, from a Hugging Face folder or a single file."
 
     def load(self, text_encoder_name, dtype, device):
-        managed = _load("text_encoder", text_encoder_name, dtype, "cpu" if device == "cpu" else "gpu")
-        managed.offload_after_use = device == TEXT_ENCODER_PLACEMENTS[1]
+        managed = _load("text_encoder", text_encoder_name, dtype, device.split(",")[0])  # auto | gpu | cpu
+        managed.offload_after_use = device == "gpu, offload after encoding"
         return (managed,)
 
 

@@ -100,3 +100,14 @@ def binned_size(aspect_ratio, base: int = 1024) -> tuple[int, int]:
 def bin_sizes(base: int = 1024) -> list[tuple[int, int]]:
     """All (width, height) sizes of the `base` px table, tallest first."""
     return [(w, h) for h, w in ASPECT_RATIO_BINS[base].values()]
+
+
+# The aspect ratios people ask for (screens, photos, film, panoramas), widest first; each one names
+# the trained size nearest to it in every bin (binned_size), so "16:9" at 1024 is 1344x768.
+COMMON_RATIOS = ("4:1", "3:1", "21:9", "2:1", "16:9", "16:10", "3:2", "4:3", "5:4", "1:1",
+                 "4:5", "3:4", "2:3", "10:16", "9:16", "1:2", "9:21", "1:3", "1:4")
+
+
+def ratio_sizes(base: int = 1024) -> list[tuple[str, int, int]]:
+    """(ratio, width, height) for each of COMMON_RATIOS: the nearest trained size of the `base` px bin."""
+    return [(ratio, *binned_size(ratio, base)) for ratio in COMMON_RATIOS]

@@ -1,8 +1,8 @@
 """The frontend extension (js/): its Node tests, and the JS logic checked against the Python it mirrors.
 
-The JS has no bin table of its own: it reads sizes from SanaEmptyLatent's preset labels. These tests
-feed it the node's real labels and compare with sana_core.resolution, and compare its loader folders
-with the ones the nodes search.
+The JS has no bin table of its own: it reads the trained sizes from SanaEmptyLatent's preset option
+"trained_sizes" and each preset's size from its label. These tests feed it the node's real definition
+and compare with sana_core.resolution, and compare its loader folders with the ones the nodes search.
 """
 import json
 import shutil
@@ -32,23 +32,26 @@ def test_node_test_runner_passes():
     assert "# fail 0" in out.stdout
 
 
-def preset_choices():
+def preset_spec():
     from sana_nodes.latent import SanaEmptyLatent
 
-    choices, _ = SanaEmptyLatent.INPUT_TYPES()["required"]["preset"]
-    return choices
+    return json.loads(json.dumps(SanaEmptyLatent.INPUT_TYPES()["required"]["preset"]))  # as /object_info sends it
 
 
-def test_js_reads_every_bin_size_from_the_node_presets():
+def test_js_reads_every_trained_size_and_every_preset_from_the_node():
     from sana_core.resolution import ASPECT_RATIO_BINS, bin_sizes
-
-    presets = run_js("console.log(JSON.stringify(logic.presetsFromOptions(DATA)))", preset_choices())
-    for base in ASPECT_RATIO_BINS:
-        assert sorted((p["width"], p["height"]) for p in presets if p["bin"] == base) == sorted(bin_sizes(base))
-    assert len(presets) == sum(len(t) for t in ASPECT_RATIO_BINS.values())
-    # What the node does with a preset label is what the JS fills width/height with.
     from sana_nodes.latent import PRESETS
+
+    choices, options = preset_spec()
+    trained = run_js("console.log(JSON.stringify(logic.trainedSizes(DATA)))", options["trained_sizes"])
+    for base in ASPECT_RATIO_BINS:
+        assert sorted((t["width"], t["height"]) for t in trained if t["bin"] == base) == sorted(bin_sizes(base))
+    assert len(trained) == sum(len(t) for t in ASPECT_RATIO_BINS.values())
+    # What the node does with a preset label is what the JS fills width/height with.
+    presets = run_js("console.log(JSON.stringify(logic.presetsFromOptions(DATA)))", choices)
     assert {p["label"]: (p["width"], p["height"]) for p in presets} == PRESETS
+    tables = {int(base): sizes for base, sizes in options["trained_sizes"].items()}
+    assert all([p["width"], p["height"]] in tables[p["bin"]] for p in presets)  # each label's class is its bin
 
 
 def test_js_native_size_is_sana_core_binned_size():
@@ -57,11 +60,26 @@ def test_js_native_size_is_sana_core_binned_size():
 
     sizes = [(w, h) for w in range(256, 8193, 224) for h in range(256, 8193, 224)]
     sizes += [(1024, 3712), (3712, 1024), (1024, 3968), (704, 2048)]  # ratio-key ties and in-between ratios
-    code = """const presets = logic.presetsFromOptions(DATA.choices)
-console.log(JSON.stringify(DATA.sizes.map(([w, h]) => logic.nativeBin(presets, w, h))))"""
-    native = run_js(code, {"choices": preset_choices(), "sizes": sizes})
+    code = """const trained = logic.trainedSizes(DATA.trained)
+console.log(JSON.stringify(DATA.sizes.map(([w, h]) => logic.nativeBin(trained, w, h))))"""
+    native = run_js(code, {"trained": preset_spec()[1]["trained_sizes"], "sizes": sizes})
     for (w, h), n in zip(sizes, native):
         assert (n["width"], n["height"]) == binned_size((w, h), base=n["bin"]), (w, h, n)
+
+
+def test_js_shows_round1_presets_as_what_they_make():
+    """A round-1 workflow's preset label becomes today's preset of the same size, or custom at that size."""
+    from sana_nodes.latent import PRESETS, SanaEmptyLatent
+
+    round1 = json.loads((ROOT / "tests" / "data" / "round1_preset_choices.json").read_text())[1:]
+    choices, _ = preset_spec()
+    upgrades = run_js("console.log(JSON.stringify(DATA.old.map((v) => logic.upgradePreset(DATA.choices, v))))",
+                      {"old": round1, "choices": choices})
+    by_size = {size: label for label, size in PRESETS.items()}
+    for label, upgrade in zip(round1, upgrades):
+        size = SanaEmptyLatent().generate(label, 32, 32, 1)[0]["samples"].shape[-2:]
+        assert (upgrade["height"] // 32, upgrade["width"] // 32) == tuple(size), label
+        assert upgrade["preset"] == by_size.get((upgrade["width"], upgrade["height"]), "custom"), label
 
 
 def test_js_loader_folders_are_the_ones_the_nodes_search():

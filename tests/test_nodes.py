@@ -162,7 +162,7 @@ def test_empty_latent_sizes_and_presets(local):
     assert latent.shape == (2, 32, 2, 3) and latent.dtype == torch.float32 and not latent.any()
     wide = run(SanaEmptyLatent, preset="1024: 1344x768 (7:4)", width=64, height=64, batch_size=1)[0]["samples"]
     assert wide.shape == (1, 32, 24, 42)  # the preset wins over width/height
-    assert PRESETS["4096: 4096x4096 (1:1)"] == (4096, 4096) and len({b.split(":")[0] for b in PRESETS}) == 4
+    assert PRESETS["4K · 1:1 · 4096x4096"] == (4096, 4096) and len({b.split(" · ")[0] for b in PRESETS}) == 4
     with pytest.raises(ValueError, match="width 1000 is not a positive multiple of 32.*992 or 1024"):
         run(SanaEmptyLatent, preset="custom", width=1000, height=1024, batch_size=1)
 

@@ -1,5 +1,6 @@
 """The shipped workflows: UI form (what users drag into ComfyUI) checked against the node
 definitions, and the API form checked to be its translation (nodes/runner.py: ui_to_api)."""
+import inspect
 import json
 from pathlib import Path
 
@@ -64,7 +65,11 @@ def check_value(node, name, kind, options, value):
         if node["type"] in PUBLISHED_MODELS and name.endswith("_name"):
             assert value in PUBLISHED_MODELS[node["type"]], f"{where}: {value!r} is not a published model name"
         elif choices is not None:
-            assert value in choices, f"{where}: {value!r} is not one of the node's choices"
+            check = getattr(NODE_CLASS_MAPPINGS[node["type"]], "VALIDATE_INPUTS", None)
+            if check and name in inspect.signature(check).parameters:  # ComfyUI asks the node, not the list
+                assert check(**{name: value}) is True, f"{where}: {value!r} is refused"
+            else:
+                assert value in choices, f"{where}: {value!r} is not one of the node's choices"
 
 
 def test_there_are_four_workflows_in_both_forms():

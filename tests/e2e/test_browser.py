@@ -2,11 +2,16 @@
 
 Enabled like the end-to-end test: COMFYUI_DIR points at a ComfyUI checkout (COMFYUI_PYTHON at its
 interpreter, default: python3). It starts that ComfyUI (which serves its real comfyui-frontend-package)
-on the CPU with this pack and the demo models, and tests/e2e/browser_check.mjs drives it with Playwright:
-every shipped UI workflow loads with every node rendered, no "missing node" dialog and no console error;
-the preset combo and the width prompt set and snap the size; a loader naming an absent file says so
-with its folder; a queued run puts its stats on SanaSampler. Screenshots go to $SANA_SCREENSHOT_DIR
-(default: a pytest temporary folder), printed at the end.
+on the CPU with this pack and the demo models, and tests/e2e/browser_check.mjs drives it with Playwright,
+every request not to 127.0.0.1 aborted: round-1 values (preset labels, device "gpu") pass ComfyUI's own
+validation; every shipped UI workflow loads with every node rendered, no "missing node" dialog and no
+console error; its nodes keep their sizes over three tab switches and a re-drop of the saved file, and
+the "not installed" toast does not come back on a tab switch; typing 16:9 into the preset filter finds
+the 16:9 presets; the preset combo and the width prompt set and snap the size; a loader naming an absent
+file says so with its folder; every workflow runs (64x64, 2 steps) and puts its stats on SanaSampler; no
+two nodes overlap on first load (with the warnings) or after a run, and the saved view shows every node
+at 1600x1000. Screenshots go to $SANA_SCREENSHOT_DIR (default: a pytest temporary folder), printed at
+the end.
 
 Needs Node 20+, Chromium (Debian: apt-get install -y chromium) and playwright-core installed outside
 the repo without browser downloads:
