@@ -228,11 +228,10 @@ def read_lora(path, model, *, tensors=None, metadata=None) -> Lora:
         family = next((f for marker, f in FAMILIES.items() if marker in text), "another model family")
         raise CheckpointError(f"{name} is a LoRA for {family}, not for a SANA transformer: none of its "
                               f"{len(tensors)} keys names a SANA module (e.g. {', '.join(sorted(tensors)[:3])})")
-    for marker, format_name in UNMERGEABLE.items():
-        if any(split_key(k)[1].startswith(marker) for k in tensors if split_key(k)):
-            raise CheckpointError(f"{name} is a {format_name} file: the SANA library merges plain LoRA only "
-                                  f"(lora_A/lora_B or lora_down/lora_up factors); load {format_name} files "
-                                  f"in ComfyUI, whose weight adapters apply them")
+    if kind in UNMERGEABLE.values():
+        raise CheckpointError(f"{name} is a {kind} file: the SANA library merges plain LoRA only (lora_A/lora_B "
+                              f"or lora_down/lora_up factors); load {kind} files in ComfyUI, whose weight "
+                              f"adapters apply them")
     settings = peft_settings(metadata)
     updates = []
     for module, target in targets.items():
