@@ -207,6 +207,25 @@ def module_alpha(module: str, rank: int, tensors: dict, settings: dict) -> float
     return alpha * math.sqrt(rank) if settings.get("use_rslora") else alpha
 
 
+def lora_targets(name: str, tensors: dict, shapes) -> tuple[str, dict, list]:
+    """(format, {file module: Target}, [unmatched keys]) of a LoRA's tensors for a model with these parameter
+    shapes; CheckpointError for a file that holds no adapter or whose keys all miss the SANA transformer
+    (a LoRA for another family: named when its keys tell). What the library and the ComfyUI loader share."""
+    if not any(split_key(k) for k in tensors):
+        raise CheckpointError(f"{name} is not a LoRA: none of its {len(tensors)} keys holds LoRA factors "
+                              f"(lora_A/lora_B or lora_down/lora_up), e.g. {', '.join(sorted(tensors)[:3])}")
+    targets, unmatched = match_keys(tensors, shapes)
+    if not targets:
+        text = " ".join(sorted(tensors)[:2000])
+        family = next((f for marker, f in FAMILIES.items() if marker in text), "another model family")
+        raise CheckpointError(f"{name} is a LoRA for {family}, not for a SANA transformer: none of its "
+                              f"{len(tensors)} keys names a SANA module (e.g. {', '.join(sorted(tensors)[:3])})")
+    if unmatched:
+        log.warning("%s: %d key(s) match nothing in the SANA transformer and were not applied: %s", name,
+                    len(unmatched), ", ".join(unmatched[:20]) + (" ..." if len(unmatched) > 20 else ""))
+    return detect_format(tensors), targets, unmatched
+
+
 def read_lora(path, model, *, tensors=None, metadata=None) -> Lora:
     """Read a LoRA file (.safetensors, .pt, or a diffusers folder) for `model` (a SanaTransformer); or
     `tensors` (+ `metadata`) already read, `path` then only names it. Errors (CheckpointError) for a file
@@ -216,23 +235,13 @@ def read_lora(path, model, *, tensors=None, metadata=None) -> Lora:
     name = Path(path).name
     if tensors is None:
         tensors, metadata = read_checkpoint(path, weight_names=("pytorch_lora_weights", "adapter_model"))
-    metadata = metadata or {}
-    kind = detect_format(tensors)
-    if not any(split_key(k) for k in tensors):
-        raise CheckpointError(f"{name} is not a LoRA: none of its {len(tensors)} keys holds LoRA factors "
-                              f"(lora_A/lora_B or lora_down/lora_up), e.g. {', '.join(sorted(tensors)[:3])}")
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    targets, unmatched = match_keys(tensors, shapes)
-    if not targets:
-        text = " ".join(sorted(tensors)[:2000])
-        family = next((f for marker, f in FAMILIES.items() if marker in text), "another model family")
-        raise CheckpointError(f"{name} is a LoRA for {family}, not for a SANA transformer: none of its "
-                              f"{len(tensors)} keys names a SANA module (e.g. {', '.join(sorted(tensors)[:3])})")
+    kind, targets, unmatched = lora_targets(name, tensors, shapes)
     if kind in UNMERGEABLE.values():
         raise CheckpointError(f"{name} is a {kind} file: the SANA library merges plain LoRA only (lora_A/lora_B "
                               f"or lora_down/lora_up factors); load {kind} files in ComfyUI, whose weight "
                               f"adapters apply them")
-    settings = peft_settings(metadata)
+    settings = peft_settings(metadata or {})
     updates = []
     for module, target in targets.items():
         up, down = (tensors.get(f"{module}.lora_B.weight"), tensors.get(f"{module}.lora_A.weight"))
@@ -246,9 +255,6 @@ def read_lora(path, model, *, tensors=None, metadata=None) -> Lora:
                             tensors.get(f"{module}.lora_B.bias"))
         _check_shape(name, update, shapes, model)
         updates.append(update)
-    if unmatched:
-        log.warning("%s: %d key(s) match nothing in the SANA transformer and were not applied: %s", name,
-                    len(unmatched), ", ".join(unmatched[:20]) + (" ..." if len(unmatched) > 20 else ""))
     log.info("%s: %s, %d module(s)", name, kind, len(updates))
     return Lora(name, kind, updates, unmatched)
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import cuda_graphs as graphs, lora, resolution, samplers
+from . import cuda_graphs as graphs, resolution, samplers
 
 SAMPLER_STEPS = {"flow_dpm_solver": 20, "flow_euler": 28, "scm": 2}  # default steps per sampler
 PAG_SCALE = 2.0  # the official scale when PAG is on (off by default: it costs a third more DiT work)
@@ -180,14 +180,16 @@ class SanaPipeline:
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
-    def load_lora(self, path, strength: float = 1.0) -> "lora.Lora":
+    def load_lora(self, path, strength: float = 1.0):
         """Merge a LoRA file into the transformer (stacks with those loaded before; a negative strength
-        subtracts it). Returns it; its `unmatched` lists the file's keys that matched nothing."""
-        return lora.apply_lora(self.transformer, path, strength)
+        subtracts it). Returns the sana_core.lora.Lora; its `unmatched` lists the keys that matched nothing."""
+        from .lora import apply_lora
+        return apply_lora(self.transformer, path, strength)
 
     def unload_loras(self) -> None:
         """Take every LoRA out: the transformer's original weights back, bit for bit."""
-        lora.unload_loras(self.transformer)
+        from .lora import unload_loras
+        unload_loras(self.transformer)
 
     def __call__(self, prompt, negative_prompt="", width=None, height=None, aspect_ratio=None, steps=None, cfg=None,
                  pag_scale=None, flow_shift=None, sampler=None, seed=0, batch_size=1, latents=None, image=None,
