@@ -227,7 +227,7 @@ def lora_targets(name: str, tensors: dict, shapes) -> tuple[str, dict, list]:
 
 
 def read_lora(path, model, *, tensors=None, metadata=None) -> Lora:
-    """Read a LoRA file (.safetensors, .pt, or a diffusers folder) for `model` (a SanaTransformer); or
+    """Read a LoRA file (.safetensors, .pt, or a diffusers or PEFT folder) for `model` (a SanaTransformer); or
     `tensors` (+ `metadata`) already read, `path` then only names it. Errors (CheckpointError) for a file
     that is no LoRA, a LoRA for another model family or another SANA width (with the shapes), and for
     adapters the library does not merge (LoHa, LoKr, DoRA: named). Keys that match nothing are listed in
@@ -235,6 +235,10 @@ def read_lora(path, model, *, tensors=None, metadata=None) -> Lora:
     name = Path(path).name
     if tensors is None:
         tensors, metadata = read_checkpoint(path, weight_names=("pytorch_lora_weights", "adapter_model"))
+        peft_config = Path(path) / "adapter_config.json"  # a PEFT save_pretrained folder
+        if peft_config.is_file() and "lora_adapter_metadata" not in metadata:
+            metadata["lora_adapter_metadata"] = {f"transformer.{k}": v for k, v in json.loads(
+                peft_config.read_text()).items()}
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     kind, targets, unmatched = lora_targets(name, tensors, shapes)
     if kind in UNMERGEABLE.values():

@@ -23,7 +23,7 @@ from diffusers import SanaTransformer2DModel  # noqa: E402
 from diffusers import SanaPipeline as DiffusersSanaPipeline  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_sana_transformer_to_diffusers  # noqa: E402
 from diffusers.training_utils import _collate_lora_metadata  # noqa: E402
-from peft import LoraConfig  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 CAPTION = 48
@@ -136,6 +136,19 @@ def test_peft_lora_equals_diffusers(setup, model, name, strength):
     ours, theirs = ours_out(model), theirs_out(with_loras(base, (loras[name], strength)))
     assert rel_err(ours, theirs) < 1e-5
     assert rel_err(plain, theirs) > 1e-2  # the LoRA changes the output
+
+
+def test_peft_adapter_folder_equals_the_peft_model(setup, model, tmp_path):
+    """PEFT's own save_pretrained folder (adapter_model.safetensors, base_model.model. keys, alpha in
+    adapter_config.json), against the PeftModel's output."""
+    base, _, _, _ = setup
+    torch.manual_seed(6)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=12, init_lora_weights=False,
+                                                               target_modules=["to_q", "to_v", "conv_point"]))
+    peft_model.save_pretrained(tmp_path)
+    lora = apply_lora(model, tmp_path)
+    assert len(lora.updates) == 10 and not lora.unmatched  # q, v of both attentions + conv_point, 2 blocks
+    assert rel_err(ours_out(model), theirs_out(peft_model.base_model.model)) < 1e-5
 
 
 def test_every_trainable_module_is_targeted(setup, model):
