@@ -14,10 +14,11 @@ Formats (told by the key names, never by the file name):
   `lora_unet_`: `blocks.0.attn.qkv.lora_A.weight`, `lora_unet_blocks_0_cross_attn_kv_linear.lora_down.weight`.
 diffusers' separate q/k/v (k/v in cross-attention) land on row slices of our fused `attn.qkv`
 (`cross_attn.kv_linear`). LyCORIS LoHa / LoKr and DoRA files are recognised and named: ComfyUI's own weight
-adapters apply them once `match_keys` has mapped their names; the library merges plain LoRA only.
+adapters apply them once their names are mapped; the library merges plain LoRA only.
 
 `match_keys` is the one name mapping: file module name -> Target(our parameter, (dim, offset, size) slice or
-None), the form of comfy/lora.py's key maps (`to_load`), so the ComfyUI loader and `read_lora` share it.
+None), the form of comfy/lora.py's key maps (`to_load`); `lora_targets` adds the errors for files that do not
+fit, and both `read_lora` and the ComfyUI loader (nodes/lora.py) go through it.
 
 Merging: each weight a LoRA touches is recomputed as original + sum(strength x scale x up @ down) over the
 applied LoRAs, in float32 and rounded once to the weight's dtype, in the weight's own memory. The originals
@@ -264,7 +265,7 @@ def read_lora(path, model, *, tensors=None, metadata=None) -> Lora:
 
 
 def _check_shape(name, update: LoraUpdate, shapes, model) -> None:
-    """A LoRA for another SANA width (or a damaged one) is refused with both shapes."""
+    """A LoRA for another SANA width (or a damaged one) is refused with both shapes; NaN factors too."""
     shape = shapes[update.target.key]
     rows = update.target.slice[2] if update.target.slice else shape[0]
     cols = math.prod(shape[1:])
@@ -273,6 +274,9 @@ def _check_shape(name, update: LoraUpdate, shapes, model) -> None:
     if update.bias is not None:
         bias = update.target.key[:-len("weight")] + "bias"
         ok = ok and bias in shapes and tuple(update.bias.shape) == (rows,)
+    if ok and not all(torch.isfinite(t).all() for t in (up, down) + ((update.bias,) if update.bias is not None else ())):
+        raise CheckpointError(f"{name} is damaged: the factors of {update.module} hold NaN or infinite values; "
+                              f"download or export it again")
     if not ok:
         part = f" rows {update.target.slice[1]}..{update.target.slice[1] + rows - 1}" if update.target.slice else ""
         raise CheckpointError(
@@ -313,7 +317,12 @@ def apply_lora(model, lora, strength: float = 1.0) -> Lora:
         p = params[key].detach()
         state.originals[key] = torch.empty(p.shape, dtype=p.dtype, pin_memory=p.is_cuda).copy_(p)
     state.applied.append((lora, float(strength)))
-    _recompute(model, state, lora.keys())
+    try:
+        _recompute(model, state, lora.keys())
+    except BaseException:  # e.g. out of memory half way: back to the weights before this LoRA
+        state.applied.pop()
+        _recompute(model, state, lora.keys())
+        raise
     return lora
 
 

@@ -335,6 +335,35 @@ def test_a_lora_for_another_sana_width_is_refused_with_the_shapes(model, tmp_pat
         read_lora(path, model)
 
 
+def test_nan_factors_are_a_clear_error_and_a_failed_merge_changes_nothing(setup, model, tmp_path, monkeypatch):
+    _, _, loras, _ = setup
+    tensors = load_file(loras["qkv"])
+    tensors["transformer.transformer_blocks.1.attn2.to_v.lora_B.weight"][0, 0] = float("nan")
+    save_file(tensors, tmp_path / "nan.safetensors")
+    with pytest.raises(CheckpointError, match="damaged.*transformer_blocks.1.attn2.to_v.*NaN"):
+        read_lora(tmp_path / "nan.safetensors", model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = apply_lora(model, loras["qkv"], 1.0)
+    with_first = {k: v.clone() for k, v in model.state_dict().items()}
+    lora = read_lora(loras["all"], model)
+    calls = []
+
+    def fail_once(self, key, device):  # out of memory part way through the merge
+        calls.append(key)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("simulated")
+        return real(self, key, device)
+    real = type(lora.updates[0]).delta
+    monkeypatch.setattr(type(lora.updates[0]), "delta", fail_once)
+    with pytest.raises(torch.OutOfMemoryError):
+        apply_lora(model, lora, 1.0)
+    monkeypatch.undo()
+    assert [a for a, _ in model.merged_loras.applied] == [first]
+    assert all(torch.equal(v, with_first[k]) for k, v in model.state_dict().items())
+    unload_loras(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("suffixes, name", [
     (("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"), "LyCORIS LoHa"),
     (("lokr_w1", "lokr_w2", "alpha"), "LyCORIS LoKr"),
