@@ -274,7 +274,8 @@ def _check_shape(name, update: LoraUpdate, shapes, model) -> None:
     if update.bias is not None:
         bias = update.target.key[:-len("weight")] + "bias"
         ok = ok and bias in shapes and tuple(update.bias.shape) == (rows,)
-    if ok and not all(torch.isfinite(t).all() for t in (up, down) + ((update.bias,) if update.bias is not None else ())):
+    factors = (up, down) if update.bias is None else (up, down, update.bias)
+    if ok and not all(torch.isfinite(t).all() for t in factors):
         raise CheckpointError(f"{name} is damaged: the factors of {update.module} hold NaN or infinite values; "
                               f"download or export it again")
     if not ok:

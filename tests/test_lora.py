@@ -102,8 +102,9 @@ def theirs_out(model):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The diffusers base model, ours loaded from its saved folder, and LoRAs: `all` targets every mergeable
-    module with per-module rank and alpha patterns; `qkv` is the training script's default (rank 4,
-    alpha 4, to_q/to_k/to_v) with PEFT's lora_bias on the biased cross-attention k/v."""
+    module with per-module rank and alpha patterns; `kv-bias` has PEFT's lora_bias on the cross-attention k/v
+    (biased layers); `qkv-no-metadata` is the training script's default targets saved without the LoraConfig
+    (diffusers then takes alpha = rank), lora_alpha != rank to show it is ignored."""
     tmp = tmp_path_factory.mktemp("lora")
     base = diffusers_dit()
     base.save_pretrained(tmp / "dit")
@@ -111,9 +112,9 @@ def setup(tmp_path_factory):
     loras = {
         "all": save_peft_lora(tmp / "all", base, seed=1, r=4, lora_alpha=8, target_modules=ALL_TARGETS,
                               rank_pattern={"to_k": 2}, alpha_pattern={"conv_point": 3.0}),
-        "qkv": save_peft_lora(tmp / "qkv", base, seed=2, r=4, lora_alpha=4, target_modules=["attn2.to_k", "attn2.to_v"],
-                              lora_bias=True),
-        "no-metadata": save_peft_lora(tmp / "nometa", base, seed=3, r=3, lora_alpha=6,
+        "kv-bias": save_peft_lora(tmp / "kv-bias", base, seed=2, r=4, lora_alpha=4,
+                                  target_modules=["attn2.to_k", "attn2.to_v"], lora_bias=True),
+        "qkv-no-metadata": save_peft_lora(tmp / "nometa", base, seed=3, r=3, lora_alpha=6,
                                       target_modules=["to_q", "to_k", "to_v"], metadata=False),
     }
     return base, ours, loras, tmp
@@ -127,7 +128,7 @@ def model(setup):
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
-@pytest.mark.parametrize("name", ["all", "qkv", "no-metadata"])
+@pytest.mark.parametrize("name", ["all", "kv-bias", "qkv-no-metadata"])
 def test_peft_lora_equals_diffusers(setup, model, name, strength):
     base, _, loras, _ = setup
     plain = ours_out(model)
@@ -160,7 +161,7 @@ def test_every_trainable_module_is_targeted(setup, model):
                 "y_embedder.y_proj.fc1.weight", "y_embedder.y_proj.fc2.weight", "t_embedder.mlp.0.weight",
                 "t_embedder.mlp.2.weight", "t_block.1.weight", "x_embedder.proj.weight", "final_layer.linear.weight"):
         assert key in keys
-    assert "blocks.0.cross_attn.kv_linear.bias" in read_lora(loras["qkv"], model).keys()  # lora_B.bias
+    assert "blocks.0.cross_attn.kv_linear.bias" in read_lora(loras["kv-bias"], model).keys()  # lora_B.bias
 
 
 # ----------------------------------------------------------------------------- the other forms
@@ -204,7 +205,7 @@ def rewrite(path, form: str, cfg: SanaConfig, out_path) -> str:
         for original, parts in fused.items():
             parts.sort(key=lambda p: p[0])
             down = torch.cat([d for _, _, d in parts])  # (sum of ranks, in)
-            rows = sum(u.shape[0] for _, u, _ in parts) if len(parts) > 1 else parts[0][1].shape[0]
+            rows = sum(u.shape[0] for _, u, _ in parts)  # the test targets every part of a fused tensor
             up = torch.zeros(rows, down.shape[0], *parts[0][1].shape[2:])
             r = 0
             for row, u, d in parts:
@@ -242,8 +243,8 @@ def test_other_forms_equal_diffusers_loading_the_peft_form(setup, model, form, e
 def test_two_loras_stacked_equal_diffusers_with_both_adapters(setup, model):
     base, _, loras, _ = setup
     apply_lora(model, loras["all"], 0.8)
-    apply_lora(model, loras["qkv"], -0.6)
-    theirs = theirs_out(with_loras(base, (loras["all"], 0.8), (loras["qkv"], -0.6)))
+    apply_lora(model, loras["kv-bias"], -0.6)
+    theirs = theirs_out(with_loras(base, (loras["all"], 0.8), (loras["kv-bias"], -0.6)))
     assert rel_err(ours_out(model), theirs) < 1e-5
 
 
@@ -253,7 +254,7 @@ def test_strength_zero_removal_and_unloading_restore_bit_for_bit(setup, model):
     plain = ours_out(model)
     zero = apply_lora(model, loras["all"], 0.0)
     assert torch.equal(ours_out(model), plain)
-    first = apply_lora(model, loras["qkv"], 1.0)
+    first = apply_lora(model, loras["kv-bias"], 1.0)
     only_first = ours_out(model)
     second = apply_lora(model, loras["all"], 0.5)
     remove_lora(model, second)
@@ -262,7 +263,7 @@ def test_strength_zero_removal_and_unloading_restore_bit_for_bit(setup, model):
     remove_lora(model, zero)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     apply_lora(model, loras["all"], 1.0)
-    apply_lora(model, loras["qkv"], 0.3)
+    apply_lora(model, loras["kv-bias"], 0.3)
     unload_loras(model)
     assert torch.equal(ours_out(model), plain)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -305,7 +306,7 @@ def test_merging_keeps_weight_addresses_so_cuda_graphs_replay_the_merged_weights
 
 def test_keys_that_match_nothing_are_reported_by_name(setup, model, tmp_path, caplog):
     _, _, loras, _ = setup
-    tensors = load_file(loras["qkv"])
+    tensors = load_file(loras["kv-bias"])
     tensors["text_encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 8)
     tensors["transformer.transformer_blocks.7.attn1.to_q.lora_A.weight"] = torch.zeros(4, 64)  # no block 7
     save_file(tensors, tmp_path / "extra.safetensors")
@@ -337,13 +338,13 @@ def test_a_lora_for_another_sana_width_is_refused_with_the_shapes(model, tmp_pat
 
 def test_nan_factors_are_a_clear_error_and_a_failed_merge_changes_nothing(setup, model, tmp_path, monkeypatch):
     _, _, loras, _ = setup
-    tensors = load_file(loras["qkv"])
+    tensors = load_file(loras["kv-bias"])
     tensors["transformer.transformer_blocks.1.attn2.to_v.lora_B.weight"][0, 0] = float("nan")
     save_file(tensors, tmp_path / "nan.safetensors")
     with pytest.raises(CheckpointError, match="damaged.*transformer_blocks.1.attn2.to_v.*NaN"):
         read_lora(tmp_path / "nan.safetensors", model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    first = apply_lora(model, loras["qkv"], 1.0)
+    first = apply_lora(model, loras["kv-bias"], 1.0)
     with_first = {k: v.clone() for k, v in model.state_dict().items()}
     lora = read_lora(loras["all"], model)
     calls = []
@@ -383,8 +384,8 @@ def test_pipeline_load_lora_and_unload(setup, model):
     pipe = SanaPipeline(model, None, None)
     plain = ours_out(model)
     pipe.load_lora(loras["all"], 0.5)
-    pipe.load_lora(loras["qkv"])
-    theirs = theirs_out(with_loras(base, (loras["all"], 0.5), (loras["qkv"], 1.0)))
+    pipe.load_lora(loras["kv-bias"])
+    theirs = theirs_out(with_loras(base, (loras["all"], 0.5), (loras["kv-bias"], 1.0)))
     assert rel_err(ours_out(model), theirs) < 1e-5
     pipe.unload_loras()
     assert torch.equal(ours_out(model), plain)

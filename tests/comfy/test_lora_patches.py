@@ -1,22 +1,24 @@
-"""nodes/lora.py's weight patches under ComfyUI's own ModelPatcher (run with ComfyUI's Python):
+"""nodes/lora.py's weight patches under ComfyUI's own ModelPatcher. Run with ComfyUI's Python (skipped
+without ComfyUI), e.g. from the repository root:
 
-    PYTHONPATH=/work/shared/comfyui:. /root/.cache/sana-comfyui-venv/bin/python -m pytest tests/comfy/test_lora_patches.py
+    PYTHONPATH=/work/shared/comfyui:. /root/.cache/sana-comfyui-venv/bin/python -m pytest tests/comfy
 
-A ModelPatcher around a SanaTransformer (as `diffusion_model`, the way a core MODEL holds it), patched with `lora_patches`, computes what the library's
-merge computes (float32, CPU); unpatching restores the weights bit for bit; a LyCORIS LoHa (which only
-ComfyUI applies) lands on its slice of the fused q/k/v."""
+A ModelPatcher around a SanaTransformer (as `diffusion_model`, the way a core MODEL holds it), patched with
+`lora_patches`, computes what the library's merge computes (float32, CPU); unpatching restores the weights
+bit for bit; a LyCORIS LoHa (which only ComfyUI applies) lands on its slice of the fused q/k/v."""
 import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 cli_args = pytest.importorskip("comfy.cli_args", reason="needs ComfyUI on PYTHONPATH (run with ComfyUI's Python)")
-cli_args.args.cpu = not torch.cuda.is_available()  # as `main.py --cpu`: model_management probes the device on import
+cli_args.args.cpu = not torch.cuda.is_available()  # as `main.py --cpu`: model_management probes the device
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("comfyui_sana", ROOT / "__init__.py", submodule_search_locations=[])
-spec.loader.exec_module(importlib.util.module_from_spec(spec))  # imports the pack as ComfyUI does (sana_core, sana_nodes)
+spec.loader.exec_module(importlib.util.module_from_spec(spec))  # the pack as ComfyUI imports it: sana_core, sana_nodes
 from comfy.model_patcher import ModelPatcher  # noqa: E402
 
 from sana_core.demo import write_demo_lora  # noqa: E402
@@ -77,7 +79,6 @@ def patched(model, *loras):
     patches, weights patched."""
     patcher = ModelPatcher(BaseModelStandIn(model), load_device=CPU, offload_device=CPU)
     for path, strength in loras:
-        from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         patches = lora_patches(Path(path).name, load_file(path), metadata, model)
