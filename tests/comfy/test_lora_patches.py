@@ -3,9 +3,10 @@ without ComfyUI), e.g. from the repository root:
 
     PYTHONPATH=/work/shared/comfyui:. /root/.cache/sana-comfyui-venv/bin/python -m pytest tests/comfy
 
-A ModelPatcher around a SanaTransformer (as `diffusion_model`, the way a core MODEL holds it), patched with
-`lora_patches`, computes what the library's merge computes (float32, CPU); unpatching restores the weights
-bit for bit; a LyCORIS LoHa (which only ComfyUI applies) lands on its slice of the fused q/k/v."""
+A ModelPatcher around a SanaTransformer (at `diffusion_model.transformer`, where the core MODEL holds
+it), patched with `lora_patches`, computes what the library's merge computes (float32, CPU); unpatching
+restores the weights bit for bit; a LyCORIS LoHa (which only ComfyUI applies) lands on its slice of the
+fused q/k/v."""
 import importlib.util
 from pathlib import Path
 
@@ -50,7 +51,8 @@ def rel_err(a, b):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A diffusers/PEFT LoRA with lora_alpha != rank in its metadata (ComfyUI's generic loader would miss
-    the scale), and a kohya / OneTrainer one on the Mix-FFN 1x1 conv, the caption projection and t_block."""
+    the scale), a kohya / OneTrainer one on the Mix-FFN 1x1 conv, the caption projection and t_block, and
+    a PEFT one with a lora_B bias."""
     tmp = tmp_path_factory.mktemp("loras")
     peft = write_demo_lora(tmp / "peft.safetensors", rank=4, alpha=6.0, seed=2)
     g = torch.Generator().manual_seed(3)
@@ -63,15 +65,21 @@ def files(tmp_path_factory):
         kohya[f"{name}.lora_up.weight"] = 0.3 * torch.randn(out, 8, *shape, generator=g)
         kohya[f"{name}.alpha"] = torch.tensor(4.0)
     save_file(kohya, tmp / "kohya.safetensors")
-    return {"peft": peft, "kohya": tmp / "kohya.safetensors"}
+    bias = {}  # PEFT's lora_bias on the cross-attention v (a slice of the biased kv_linear)
+    name = "transformer.transformer_blocks.1.attn2.to_v"
+    bias[f"{name}.lora_A.weight"] = torch.randn(2, 64, generator=g) / 8
+    bias[f"{name}.lora_B.weight"], bias[f"{name}.lora_B.bias"] = torch.randn(64, 2, generator=g), torch.randn(64)
+    save_file(bias, tmp / "bias.safetensors", metadata={"lora_adapter_metadata": '{"transformer.lora_alpha": 3}'})
+    return {"peft": peft, "kohya": tmp / "kohya.safetensors", "bias": tmp / "bias.safetensors"}
 
 
 class BaseModelStandIn(torch.nn.Module):
-    """What ComfyUI's model_base.BaseModel is to the patcher: the DiT under `diffusion_model`."""
+    """What the core MODEL's BaseModel is to the patcher: the DiT at `diffusion_model.transformer`."""
 
     def __init__(self, dit):
         super().__init__()
-        self.diffusion_model = dit
+        self.diffusion_model = torch.nn.Module()
+        self.diffusion_model.transformer = dit
 
 
 def patched(model, *loras):
@@ -91,9 +99,10 @@ def test_patches_equal_the_library_merge_and_unpatch_exactly(files):
     library, comfy_model = tiny_model(), tiny_model()
     plain = run(comfy_model)
     before = {k: v.clone() for k, v in comfy_model.state_dict().items()}
-    for name, strength in (("peft", 0.7), ("kohya", -1.0)):
-        apply_lora(library, files[name], strength)
-    patcher = patched(comfy_model, (files["peft"], 0.7), (files["kohya"], -1.0))
+    loras = ((files["peft"], 0.7), (files["kohya"], -1.0), (files["bias"], 0.5))
+    for path, strength in loras:
+        apply_lora(library, path, strength)
+    patcher = patched(comfy_model, *loras)
     assert rel_err(run(comfy_model), run(library)) < 1e-6
     assert rel_err(run(comfy_model), plain) > 1e-3
     patcher.unpatch_model(device_to=CPU)
