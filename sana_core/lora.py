@@ -221,6 +221,11 @@ def lora_targets(name: str, tensors: dict, shapes) -> tuple[str, dict, list]:
         family = next((f for marker, f in FAMILIES.items() if marker in text), "another model family")
         raise CheckpointError(f"{name} is a LoRA for {family}, not for a SANA transformer: none of its "
                               f"{len(tensors)} keys names a SANA module (e.g. {', '.join(sorted(tensors)[:3])})")
+    depth = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("blocks."))
+    blocks = [int(m[1]) for m in (re.search(r"(?:^|[._])blocks[._](\d+)[._]", k) for k in unmatched) if m]
+    if blocks and max(blocks) >= depth:
+        raise CheckpointError(f"{name} was made for a deeper SANA model: it has LoRA factors for block {max(blocks)}, "
+                              f"this model has blocks 0..{depth - 1} (e.g. a Sana 1.5 4.8B LoRA on a 1.6B model)")
     if unmatched:
         log.warning("%s: %d key(s) match nothing in the SANA transformer and were not applied: %s", name,
                     len(unmatched), ", ".join(unmatched[:20]) + (" ..." if len(unmatched) > 20 else ""))

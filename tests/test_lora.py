@@ -308,13 +308,18 @@ def test_keys_that_match_nothing_are_reported_by_name(setup, model, tmp_path, ca
     _, _, loras, _ = setup
     tensors = load_file(loras["kv-bias"])
     tensors["text_encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 8)
-    tensors["transformer.transformer_blocks.7.attn1.to_q.lora_A.weight"] = torch.zeros(4, 64)  # no block 7
+    tensors["transformer.transformer_blocks.1.ff.conv_depth.lora_A.weight"] = torch.zeros(4, 1, 3, 3)  # grouped conv
     save_file(tensors, tmp_path / "extra.safetensors")
     lora = read_lora(tmp_path / "extra.safetensors", model)
     assert lora.unmatched == ["text_encoder.layers.0.self_attn.q_proj.lora_A.weight",
-                              "transformer.transformer_blocks.7.attn1.to_q.lora_A.weight"]
-    assert "transformer_blocks.7.attn1.to_q" in caplog.text
+                              "transformer.transformer_blocks.1.ff.conv_depth.lora_A.weight"]
+    assert "transformer_blocks.1.ff.conv_depth" in caplog.text
     assert len(lora.updates) == 4  # attn2 to_k / to_v of both blocks still apply
+    tensors["transformer.transformer_blocks.7.attn1.to_q.lora_A.weight"] = torch.zeros(4, 64)
+    save_file(tensors, tmp_path / "deeper.safetensors")
+    with pytest.raises(CheckpointError, match="deeper SANA model: it has LoRA factors for block 7, this model has "
+                                              "blocks 0..1"):
+        read_lora(tmp_path / "deeper.safetensors", model)
 
 
 @pytest.mark.parametrize("keys, message", [
