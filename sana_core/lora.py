@@ -23,7 +23,7 @@ fit, and both `read_lora` and the ComfyUI loader (nodes/lora.py) go through it.
 Merging: each weight a LoRA touches is recomputed as original + sum(strength x scale x up @ down) over the
 applied LoRAs, in float32 and rounded once to the weight's dtype, in the weight's own memory. The originals
 are kept (a CPU copy) until the last LoRA touching them goes. Sampling then runs the plain weights: no extra
-matmul per step. The weights keep their addresses, so captured CUDA graphs (sana_core.cuda_graphs) stay
+matmul per step. The weights keep their addresses, so captured CUDA graphs (keyed by weight addresses) stay
 valid and replay the merged values: nothing is re-captured, nothing stale is replayed.
 """
 import json
