@@ -106,3 +106,32 @@ def write_demo_models(folder: Path) -> dict:
     write_demo_autoencoder(paths["autoencoder"])
     write_demo_text_encoder(paths["text_encoder"])
     return paths
+
+
+def write_demo_lora(path: Path, *, depth: int = 2, width: int = 64, rank: int = 4, alpha: float | None = None,
+                    seed: int = 0) -> Path:
+    """A random LoRA for the demo transformer, keyed and stamped as diffusers' train_dreambooth_lora_sana.py
+    saves one (PEFT lora_A / lora_B on the script's default targets to_q / to_k / to_v of both attentions,
+    the LoraConfig, lora_alpha = `alpha` or the rank, in the `lora_adapter_metadata` header), at `path`."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for block in range(depth):
+        for attn in ("attn1", "attn2"):
+            for proj in ("to_q", "to_k", "to_v"):
+                name = f"transformer.transformer_blocks.{block}.{attn}.{proj}"
+                tensors[f"{name}.lora_A.weight"] = torch.randn(rank, width, generator=g) / width ** 0.5
+                tensors[f"{name}.lora_B.weight"] = 0.5 * torch.randn(width, rank, generator=g) / rank ** 0.5
+    config = {"r": rank, "lora_alpha": alpha or rank, "target_modules": ["to_k", "to_q", "to_v"], "peft_type": "LORA",
+              "init_lora_weights": "gaussian", "lora_dropout": 0.0, "bias": "none", "use_dora": False,
+              "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()},
+                                                                     indent=2, sort_keys=True)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    return path

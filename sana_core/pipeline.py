@@ -180,6 +180,17 @@ class SanaPipeline:
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
+    def load_lora(self, path, strength: float = 1.0):
+        """Merge a LoRA file into the transformer (stacks with those loaded before; a negative strength
+        subtracts it). Returns the sana_core.lora.Lora; its `unmatched` lists the keys that matched nothing."""
+        from .lora import apply_lora
+        return apply_lora(self.transformer, path, strength)
+
+    def unload_loras(self) -> None:
+        """Take every LoRA out: the transformer's original weights back, bit for bit."""
+        from .lora import unload_loras
+        unload_loras(self.transformer)
+
     def __call__(self, prompt, negative_prompt="", width=None, height=None, aspect_ratio=None, steps=None, cfg=None,
                  pag_scale=None, flow_shift=None, sampler=None, seed=0, batch_size=1, latents=None, image=None,
                  denoise=1.0, output="pil", callback=None, integer_timesteps=True, pag_layers=None):
