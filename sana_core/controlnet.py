@@ -96,7 +96,8 @@ class ControlNet(nn.Module):
         else:
             y = self.attention_y_norm(self.y_embedder(context))
         kv = tuple(block.cross_attn.caption_kv(y) for block in self.blocks)
-        strength = torch.as_tensor(strength, dtype=torch.float32, device=base.device)
+        strength = strength.to(base.device, torch.float32) if isinstance(strength, torch.Tensor) else \
+            torch.full((), float(strength), device=base.device)  # a fill, not a host copy: prepare may run in a graph
         return Control(self, hint, kv, caption.keep, strength)
 
     def check_base(self, base) -> None:
@@ -258,7 +259,8 @@ def detect_controlnet_config(tensors, settings: dict) -> SanaConfig:
     return SanaConfig(
         depth=1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("blocks.")),
         width=width, caption_dim=SanaConfig.caption_dim if fc1 is None else fc1.shape[1],
-        self_heads=self_heads, cross_heads=cross_heads, mlp_hidden=tensors["blocks.0.mlp.point_conv.conv.weight"].shape[1],
+        self_heads=self_heads, cross_heads=cross_heads,
+        mlp_hidden=tensors["blocks.0.mlp.point_conv.conv.weight"].shape[1],
         qk_norm="blocks.0.attn.q_norm.weight" in tensors, in_channels=in_channels,
         pe_interpolation=None if pe is None else float(pe), base_size=None if pe is None else settings.get("base_size"))
 

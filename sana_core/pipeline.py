@@ -237,8 +237,8 @@ class SanaPipeline:
 
         cond, cond_mask, uncond, uncond_mask = self._encode_prompts(prompts, negative_prompt, batch_size,
                                                                     need_uncond=not config.sprint and cfg != 1.0)
-        controls = () if controlnet is None else [(controlnet, encode_hint(self.autoencoder, control_image, width, height),
-                                                   control_scale)]
+        controls = () if controlnet is None else [
+            (controlnet, encode_hint(self.autoencoder, control_image, width, height), control_scale)]
         self._offload_text_encoder_if_short(batch, width, height, cfg, pag_scale)
         latent = sample_latents(self.transformer, noise, cond, cond_mask, uncond, uncond_mask, sampler=sampler,
                                 steps=steps, cfg=cfg, pag_scale=pag_scale, pag_layers=pag_layers, shift=shift,

@@ -17,12 +17,17 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import rel_err
-from sana_core import CheckpointError
-from sana_core.controlnet import Controls, load_controlnet
+from PIL import Image
+
+from sana_core import CheckpointError, cuda_graphs as cg
+from sana_core.controlnet import ControlNet, Controls, load_controlnet
+from sana_core.pipeline import SanaPipeline, sample_latents
 from sana_core.transformer import SanaConfig, SanaTransformer, config_metadata, load_transformer, random_state_dict
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import SanaControlNetModel  # noqa: E402
+from diffusers import DPMSolverMultistepScheduler, SanaControlNetModel, SanaControlNetPipeline  # noqa: E402
+from test_cuda_graphs import HostSyncs, StandIn, standin  # noqa: E402,F401 (standin: a fixture)
+from test_pipeline import CHI, HEIGHT, PROMPT, WIDTH, comfy_noise, parts, randomize, reference  # noqa: E402,F401
 from test_transformer import diffusers_model, original_checkpoint, to_diffusers  # noqa: E402
 
 BASE = SanaConfig(depth=4, width=64, caption_dim=48, self_heads=2, cross_heads=2, mlp_hidden=160)
@@ -67,9 +72,9 @@ def to_diffusers_controlnet(official: dict, cfg: SanaConfig, n: int) -> dict:
 
 def diffusers_controlnet(cfg: SanaConfig, n: int) -> SanaControlNetModel:
     return SanaControlNetModel(
-        in_channels=32, out_channels=32, num_attention_heads=cfg.self_heads, attention_head_dim=cfg.width // cfg.self_heads,
-        num_layers=n, num_cross_attention_heads=cfg.cross_heads, cross_attention_head_dim=cfg.width // cfg.cross_heads,
-        cross_attention_dim=cfg.width, caption_channels=cfg.caption_dim, mlp_ratio=cfg.mlp_hidden / cfg.width,
+        in_channels=32, out_channels=32, num_layers=n, num_attention_heads=cfg.self_heads,
+        attention_head_dim=cfg.width // cfg.self_heads, num_cross_attention_heads=cfg.cross_heads,
+        cross_attention_head_dim=cfg.width // cfg.cross_heads, cross_attention_dim=cfg.width, caption_channels=cfg.caption_dim, mlp_ratio=cfg.mlp_hidden / cfg.width,
         sample_size=32, interpolation_scale=None)
 
 
@@ -134,7 +139,7 @@ def official_reference(ref, ref_cn, scale, x, hint, context, mask, t):
 
 def diffusers_reference(ref, ref_cn, scale, x, hint, context, mask, t):
     with torch.no_grad():
-        samples = ref_cn(x, context, t, hint, conditioning_scale=scale, encoder_attention_mask=mask).controlnet_block_samples
+        samples = ref_cn(x, context, t, hint, conditioning_scale=scale, encoder_attention_mask=mask)[0]
         return ref(x, context, t, encoder_attention_mask=mask, controlnet_block_samples=tuple(samples)).sample
 
 
@@ -264,3 +269,71 @@ def test_hint_of_the_wrong_size(files):
         ours(base, net, 1.0, x, hint[..., :4], context, mask, t)
     with pytest.raises(ValueError, match=r"hint has shape \[2, 3, 3, 5\]"):
         ours(base, net, 1.0, x, hint[:, :3], context, mask, t)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def test_pipeline_equals_diffusers_controlnet_pipeline(parts, tmp_path):  # noqa: F811
+    """SanaPipeline(controlnet=, control_image=, control_scale=) against diffusers' SanaControlNetPipeline: the hint
+    image encoded by the DC-AE and scaled, applied to both CFG halves, the ControlNet at every step."""
+    dit = parts[1]["dit"]  # diffusers' (2 blocks): a ControlNet of 1
+    ref_cn = randomize(diffusers_controlnet(dataclasses.replace(BASE, caption_dim=dit.config.caption_channels), 1), 7)
+    ref_cn.save_pretrained(tmp_path / "controlnet")
+    net = load_controlnet(tmp_path / "controlnet", **CPU)
+    g = torch.Generator().manual_seed(2)
+    edges = Image.fromarray((torch.rand(HEIGHT, WIDTH, 3, generator=g) * 255).to(torch.uint8).numpy())
+    ref_pipe = reference(parts, SanaControlNetPipeline, "dit", DPMSolverMultistepScheduler(
+        use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"), controlnet=ref_cn)
+    ref = ref_pipe(PROMPT, control_image=edges, controlnet_conditioning_scale=0.7, num_inference_steps=3,
+                   guidance_scale=4.5, height=HEIGHT, width=WIDTH, latents=comfy_noise(11), output_type="pt",
+                   use_resolution_binning=False, clean_caption=False, complex_human_instruction=CHI).images
+    pipe = SanaPipeline(parts[0]["dit"], parts[0]["vae"], parts[0]["te"])
+    kw = dict(width=WIDTH, height=HEIGHT, steps=3, cfg=4.5, flow_shift=3.0, seed=11, output="tensor")
+    got = pipe(PROMPT, controlnet=net, control_image=edges, control_scale=0.7, **kw)
+    assert rel_err(got, ref) < 1e-4
+    assert rel_err(pipe(PROMPT, **kw), ref) > 1e-3  # the ControlNet changed the image
+    with pytest.raises(ValueError, match="both controlnet= .* and control_image="):
+        pipe(PROMPT, controlnet=net, **kw)
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+
+
+def tiny_pair(graph):
+    base = SanaTransformer(BASE)
+    base.load_state_dict(random_state_dict(BASE, seed=1))
+    return base.eval(), randomize(ControlNet(dataclasses.replace(BASE, depth=N), graph), 4)
+
+
+@pytest.mark.parametrize("graph", ["official", "diffusers"])
+def test_controlled_step_never_waits_for_the_host(graph):
+    base, net = tiny_pair(graph)
+    x, hint, context, mask, t = inputs()
+    with torch.inference_mode(), HostSyncs() as syncs:
+        caption = base.encode_caption(context, mask)
+        base(x, t.float(), caption, control=Controls([net.prepare(hint, base, caption, context, 0.5)]))
+    assert not syncs.found
+
+
+def test_controlled_sampling_through_the_graph_path_equals_eager(standin, monkeypatch):  # noqa: F811
+    """The captured step reads the hint and strength as constants: another hint or strength replays the same
+    graph with the eager result; another ControlNet (other weights) is captured anew."""
+    monkeypatch.setattr(cg, "CACHE", standin)
+    monkeypatch.setattr(cg.GraphedStep, "_why_eager", lambda self, inputs: "" if self.enabled else "off")
+    base, net = tiny_pair("official")
+    g = torch.Generator().manual_seed(0)
+    noise, hints = torch.randn(1, 32, 3, 2, generator=g), torch.randn(2, 1, 32, 3, 2, generator=g)
+    cond, uncond = torch.randn(1, 7, 48, generator=g), torch.randn(1, 7, 48, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0]])
+    kw = dict(sampler="flow_dpm_solver", steps=3, shift=3.0, cfg=4.5)
+    for hint, strength in [(hints[0], 1.0), (hints[1], 0.5)]:
+        controls = [(net, hint, strength)]
+        eager = sample_latents(base, noise, cond, mask, uncond, mask, **kw, controls=controls, cuda_graphs=False)
+        graphed = sample_latents(base, noise, cond, mask, uncond, mask, **kw, controls=controls)
+        assert len(StandIn.made) == 1 and torch.equal(graphed, eager)
+    plain = sample_latents(base, noise, cond, mask, uncond, mask, **kw, cuda_graphs=False)
+    assert rel_err(plain, eager) > 1e-3
+    other = randomize(ControlNet(net.config, "official"), 5)
+    sample_latents(base, noise, cond, mask, uncond, mask, **kw, controls=[(other, hints[0], 1.0)])
+    assert len(StandIn.made) == 2
