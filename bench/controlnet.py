@@ -104,14 +104,15 @@ def main():
     B.log(r)
     print(f"\n1.6B-class DiT step at {px} px, batch 2 (CFG), {blocks}-block ControlNet, {r['dtype']}, {r['device']}")
     print("| | ours ms | ours / plain | ours mode | diffusers ms | diffusers / plain |\n|---|---|---|---|---|---|")
-    print(f"| no ControlNet | {r['plain_ms']:.2f} | 1.00 | {r['plain_mode'][:40]} | {r['plain_diffusers_ms']:.2f} | 1.00 |")
+    print(f"| no ControlNet | {r['plain_ms']:.2f} | 1.00 | {r['plain_mode'][:40]} | {r['plain_diffusers_ms']:.2f} | "
+          f"1.00 |")
     for graph in ("official", "diffusers"):
         theirs = f"{r['diffusers_controlnet_ms']:.2f} | {r['diffusers_controlnet_vs_plain']:.2f}" \
             if graph == "diffusers" else "- | -"
         print(f"| + ControlNet, {graph} graph | {r[f'{graph}_ms']:.2f} | {r[f'{graph}_vs_plain']:.2f} | "
               f"{r[f'{graph}_mode'][:40]} | {theirs} |")
-    print(f"graph == eager: official {r['official_graph_equals_eager']}, diffusers {r['diffusers_graph_equals_eager']}; "
-          f"ours vs diffusers (diffusers graph) rel err {r['diffusers_rel_err']:.2e}")
+    print(f"graph == eager: official {r['official_graph_equals_eager']}, "
+          f"diffusers {r['diffusers_graph_equals_eager']}; ours vs diffusers (diffusers graph) rel err {r['diffusers_rel_err']:.2e}")
 
 
 if __name__ == "__main__":
