@@ -112,7 +112,8 @@ def main():
         print(f"| + ControlNet, {graph} graph | {r[f'{graph}_ms']:.2f} | {r[f'{graph}_vs_plain']:.2f} | "
               f"{r[f'{graph}_mode'][:40]} | {theirs} |")
     print(f"graph == eager: official {r['official_graph_equals_eager']}, "
-          f"diffusers {r['diffusers_graph_equals_eager']}; ours vs diffusers (diffusers graph) rel err {r['diffusers_rel_err']:.2e}")
+          f"diffusers {r['diffusers_graph_equals_eager']}; ours vs diffusers (diffusers graph) rel err "
+          f"{r['diffusers_rel_err']:.2e}")
 
 
 if __name__ == "__main__":
