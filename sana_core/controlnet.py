@@ -92,7 +92,7 @@ class ControlNet(nn.Module):
         hint = self.before_proj(self.embed(hint.to(base.device))).expand(B, -1, -1)  # (B, N, C)
         context = context.to(device=base.device, dtype=self.dtype)
         if self.graph == OFFICIAL:  # the copied blocks attend to the base model's caption embedding
-            y = base.attention_y_norm(base.y_embedder(context.to(base.dtype)))
+            y = base.attention_y_norm(base.y_embedder(context.to(base.dtype))).to(self.dtype)
         else:
             y = self.attention_y_norm(self.y_embedder(context))
         kv = tuple(block.cross_attn.caption_kv(y) for block in self.blocks)
@@ -124,7 +124,7 @@ class ControlNet(nn.Module):
                              f"tokens; the model is sampling {x0.shape[0]} of {h}x{w} = {h * w}: encode the hint "
                              f"image at the size of the image being made")
         if self.graph == OFFICIAL:
-            c, first = x0 + control.hint, 0
+            c, first, t0 = x0.to(self.dtype) + control.hint, 0, t0.to(self.dtype)
         else:
             c, first = self.embed(x) + control.hint, 1
             t0 = self.t_block(self.t_embedder(timestep))  # (B, 6C)
@@ -132,7 +132,7 @@ class ControlNet(nn.Module):
         strength = control.strength.to(c.dtype)
         for j, (block, kv, proj) in enumerate(zip(self.blocks, control.kv, self.after_proj)):
             c = block_output(*block(c, None, kv, control.keep, t0, h, w))  # (B, N, C)
-            out[first + j] = proj(c) * strength
+            out[first + j] = (proj(c) * strength).to(x0.dtype)  # the model's dtype (a ControlNet may differ)
         return out
 
 

@@ -75,7 +75,7 @@ def diffusers_controlnet(cfg: SanaConfig, n: int) -> SanaControlNetModel:
         in_channels=32, out_channels=32, num_layers=n, num_attention_heads=cfg.self_heads,
         attention_head_dim=cfg.width // cfg.self_heads, num_cross_attention_heads=cfg.cross_heads,
         cross_attention_head_dim=cfg.width // cfg.cross_heads, cross_attention_dim=cfg.width, caption_channels=cfg.caption_dim, mlp_ratio=cfg.mlp_hidden / cfg.width,
-        sample_size=32, interpolation_scale=None)
+        sample_size=cfg.base_size or 32, interpolation_scale=cfg.pe_interpolation)
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +89,21 @@ def files(tmp_path_factory):
     ref_cn = diffusers_controlnet(BASE, N).eval()
     ref_cn.load_state_dict(to_diffusers_controlnet(official, BASE, N), strict=True)
     paths = {"pth": folder / "sana_controlnet.pth", "safetensors": folder / "sana_controlnet.safetensors",
-             "diffusers-folder": folder / "controlnet", "diffusers-single": folder / "controlnet.safetensors"}
+             "comfyui": folder / "sana_controlnet_comfy.safetensors", "diffusers-folder": folder / "controlnet",
+             "diffusers-single": folder / "controlnet.safetensors"}
     torch.save({"state_dict": official}, paths["pth"])
     save_file(official, paths["safetensors"], metadata=config_metadata(BASE))
+    save_file({"model.diffusion_model." + k: v for k, v in official.items()}, paths["comfyui"],
+              metadata=config_metadata(BASE))
     ref_cn.save_pretrained(paths["diffusers-folder"])
     save_file(ref_cn.state_dict(), paths["diffusers-single"], metadata={"config": json.dumps(dict(ref_cn.config))})
-    base = SanaTransformer(BASE, **CPU)
-    base.load_state_dict({k: v for k, v in base_sd.items() if k in base.state_dict()}, strict=True)
-    return base.eval().requires_grad_(False), ref, ref_cn, paths
+    return our_model(BASE, base_sd), ref, ref_cn, paths
+
+
+def our_model(cfg, sd):
+    base = SanaTransformer(cfg, **CPU)
+    base.load_state_dict({k: v for k, v in sd.items() if k in base.state_dict()})  # without the stale extras
+    return base.eval().requires_grad_(False)
 
 
 def inputs(batch=2, h=3, w=5):
@@ -159,13 +166,38 @@ def test_diffusers_graph_equals_diffusers(files, fmt, scale):
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
-@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+@pytest.mark.parametrize("fmt", ["pth", "safetensors", "comfyui"])
 def test_official_graph_equals_reference(files, fmt, scale):
     base, ref, ref_cn, paths = files
     net = load(paths, fmt)
     assert net.graph == "official" and net.config.depth == N
     args = inputs()
     assert rel_err(ours(base, net, scale, *args), official_reference(ref, ref_cn, scale, *args)) < 1e-4
+
+
+def test_diffusers_graph_with_a_position_embedding(tmp_path):
+    """A 2K-style ControlNet (diffusers' interpolation_scale, read from config.json): its patch embedder adds the
+    sin-cos embedding to the latent and to the hint."""
+    cfg = dataclasses.replace(BASE, pe_interpolation=1.0, base_size=4)
+    base_sd = original_checkpoint(cfg, seed=3)
+    ref = diffusers_model(cfg).eval()
+    ref.load_state_dict(to_diffusers(base_sd, cfg), strict=True)
+    ref_cn = diffusers_controlnet(cfg, N).eval()
+    ref_cn.load_state_dict(to_diffusers_controlnet({**base_sd, **controlnet_tensors(cfg, N, seed=4)}, cfg, N))
+    ref_cn.save_pretrained(tmp_path / "controlnet")
+    net = load_controlnet(tmp_path / "controlnet", **CPU)
+    assert (net.config.pe_interpolation, net.config.base_size) == (1.0, 4)
+    base = our_model(cfg, base_sd)
+    args = inputs()
+    assert rel_err(ours(base, net, 1.0, *args), diffusers_reference(ref, ref_cn, 1.0, *args)) < 1e-4
+
+
+def test_controlnet_in_another_dtype_gives_the_models_dtype(files):
+    base, ref, ref_cn, paths = files
+    net = load_controlnet(paths["diffusers-folder"], dtype=torch.bfloat16, device="cpu")
+    args = inputs()
+    out = ours(base, net, 1.0, *args)
+    assert out.dtype == torch.float32 and rel_err(out, diffusers_reference(ref, ref_cn, 1.0, *args)) < 3e-2
 
 
 def test_the_graphs_differ_and_the_override_picks_one(files):
