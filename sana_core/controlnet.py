@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from .checkpoints import CheckpointError, default_device, default_dtype, describe, guess_component, load_weights, \
     read_checkpoint, strip_prefix
-from .transformer import (CROSS_HEADS, PREFIXES, SELF_HEAD_DIM, Block, Caption, CaptionEmbedder, FusedTensors,
-                          RMSNorm, SanaConfig, TimestepEmbedder, _parse_config, block_output, diffusers_to_original,
+from .transformer import (PREFIXES, Block, Caption, CaptionEmbedder, FusedTensors, RMSNorm, SanaConfig,
+                          TimestepEmbedder, _parse_config, attention_heads, block_output, diffusers_to_original,
                           sincos_pos_embed)
 
 log = logging.getLogger(__name__)
@@ -248,12 +248,7 @@ def detect_controlnet_config(tensors, settings: dict) -> SanaConfig:
         if key not in tensors:
             raise CheckpointError(f"no {key}: the ControlNet is incomplete ({len(tensors)} tensors)")
     width, in_channels = tensors["x_embedder.proj.weight"].shape[:2]
-    self_heads = settings.get("self_heads") or width // SELF_HEAD_DIM
-    cross_heads = settings.get("cross_heads") or CROSS_HEADS.get(width)
-    if cross_heads is None:
-        raise CheckpointError(f"cannot tell the cross-attention heads of a width-{width} ControlNet (published "
-                              f"widths: {', '.join(map(str, CROSS_HEADS))}): pass cross_heads=N, or store it in a "
-                              f"config.json / safetensors metadata 'config' as num_cross_attention_heads")
+    self_heads, cross_heads = attention_heads(width, settings, "ControlNet")
     fc1 = tensors.get("y_embedder.y_proj.fc1.weight")
     pe = settings.get("pe_interpolation")
     return SanaConfig(

@@ -578,6 +578,19 @@ def _settings(hints: dict, metadata: dict, names, stale) -> dict:
     return settings
 
 
+def attention_heads(width: int, settings: dict, what="model") -> tuple[int, int]:
+    """(self-attention heads, cross-attention heads) of a width: from settings, else the published models'."""
+    self_heads = settings.get("self_heads") or width // SELF_HEAD_DIM
+    cross_heads = settings.get("cross_heads") or CROSS_HEADS.get(width)
+    if cross_heads is None:
+        raise CheckpointError(f"cannot tell the cross-attention heads of a width-{width} {what} (published "
+                              f"widths: {', '.join(map(str, CROSS_HEADS))}): pass cross_heads=N, or store it in "
+                              f"a config.json / safetensors metadata 'config' as num_cross_attention_heads")
+    if width % self_heads or width % cross_heads:
+        raise CheckpointError(f"width {width} is not divisible by the heads ({self_heads} self, {cross_heads} cross)")
+    return self_heads, cross_heads
+
+
 def detect_config(tensors, settings: dict) -> SanaConfig:
     """The model's structure from its (original-named) tensors; heads and position embedding
     from `settings` where the tensors cannot tell."""
@@ -588,14 +601,7 @@ def detect_config(tensors, settings: dict) -> SanaConfig:
     width, in_channels, p, _ = tensors["x_embedder.proj.weight"].shape
     if p != 1:
         raise CheckpointError(f"patch size {p} is not supported: SANA models use patch size 1")
-    self_heads = settings.get("self_heads") or width // SELF_HEAD_DIM
-    cross_heads = settings.get("cross_heads") or CROSS_HEADS.get(width)
-    if cross_heads is None:
-        raise CheckpointError(f"cannot tell the cross-attention heads of a width-{width} model (published "
-                              f"widths: {', '.join(map(str, CROSS_HEADS))}): pass cross_heads=N, or store it in "
-                              f"a config.json / safetensors metadata 'config' as num_cross_attention_heads")
-    if width % self_heads or width % cross_heads:
-        raise CheckpointError(f"width {width} is not divisible by the heads ({self_heads} self, {cross_heads} cross)")
+    self_heads, cross_heads = attention_heads(width, settings)
     pe, base = settings.get("pe_interpolation"), settings.get("base_size")
     if pe is not None and base is None:
         raise CheckpointError(f"pe_interpolation={pe} needs base_size= (the latent side the model was trained "
