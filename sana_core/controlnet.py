@@ -11,7 +11,7 @@ it was trained with (`graph=` overrides):
   patch_embed, input_block); copied block j's after_proj (controlnet_blocks.j) output is added to base
   block j + 1's output.
 
-    net = load_controlnet("Sana_1600M_1024px_controlnet_hed.pth")
+    net = load_controlnet("Sana_1600M_1024px_BF16_ControlNet_HED.pth")
     hint = encode_hint(autoencoder, edge_image, width, height)               # (B, 32, h, w), scaled latent
     caption = model.encode_caption(context, mask)
     control = Controls([net.prepare(hint, model, caption, context, strength=1.0)])
@@ -90,11 +90,10 @@ class ControlNet(nn.Module):
             raise ValueError(f"the ControlNet hint has shape {list(hint.shape)}; expected [1 or {B}, "
                              f"{self.config.in_channels}, h, w] (the hint image encoded by the DC-AE: encode_hint)")
         hint = self.before_proj(self.embed(hint.to(base.device))).expand(B, -1, -1)  # (B, N, C)
-        context = context.to(device=base.device, dtype=self.dtype)
         if self.graph == OFFICIAL:  # the copied blocks attend to the base model's caption embedding
-            y = base.attention_y_norm(base.y_embedder(context.to(base.dtype))).to(self.dtype)
+            y = base.attention_y_norm(base.y_embedder(context.to(base.device, base.dtype))).to(self.dtype)
         else:
-            y = self.attention_y_norm(self.y_embedder(context))
+            y = self.attention_y_norm(self.y_embedder(context.to(base.device, self.dtype)))
         kv = tuple(block.cross_attn.caption_kv(y) for block in self.blocks)
         strength = strength.to(base.device, torch.float32) if isinstance(strength, torch.Tensor) else \
             torch.full((), float(strength), device=base.device)  # a fill, not a host copy: prepare may run in a graph

@@ -74,7 +74,8 @@ def diffusers_controlnet(cfg: SanaConfig, n: int) -> SanaControlNetModel:
     return SanaControlNetModel(
         in_channels=32, out_channels=32, num_layers=n, num_attention_heads=cfg.self_heads,
         attention_head_dim=cfg.width // cfg.self_heads, num_cross_attention_heads=cfg.cross_heads,
-        cross_attention_head_dim=cfg.width // cfg.cross_heads, cross_attention_dim=cfg.width, caption_channels=cfg.caption_dim, mlp_ratio=cfg.mlp_hidden / cfg.width,
+        cross_attention_head_dim=cfg.width // cfg.cross_heads, cross_attention_dim=cfg.width,
+        caption_channels=cfg.caption_dim, mlp_ratio=cfg.mlp_hidden / cfg.width,
         sample_size=cfg.base_size or 32, interpolation_scale=cfg.pe_interpolation)
 
 
