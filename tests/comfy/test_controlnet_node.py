@@ -13,10 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-comfy = pytest.importorskip("comfy")
-import comfy.cli_args  # noqa: E402
-
-comfy.cli_args.args.cpu = True  # before comfy.model_management initialises
+cli_args = pytest.importorskip("comfy.cli_args", reason="runs under ComfyUI's python (PYTHONPATH=$COMFYUI_DIR)")
+cli_args.args.cpu = True  # before comfy.model_management initialises
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -33,7 +31,7 @@ def _load(name, path, package=False):
 
 
 _load("comfyui_sana", ROOT / "__init__.py", package=True)  # registers sana_core, sana_core.kernels, sana_nodes
-core_nodes = _load("comfy_core_nodes", Path(comfy.cli_args.__file__).resolve().parents[1] / "nodes.py")
+core_nodes = _load("comfy_core_nodes", Path(cli_args.__file__).resolve().parents[1] / "nodes.py")
 
 from sana_core import load_autoencoder  # noqa: E402
 from sana_core.controlnet import ControlNet, Controls, encode_hint, prepare_controls  # noqa: E402
