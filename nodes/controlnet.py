@@ -7,8 +7,8 @@ only inside the model's forward) but what the model wrapper's forward consumes:
 
     {"sana_controls": [(ControlNet, hint latent (B, 32, h, w), strength), ...]}   # this one and the previous ones
 
-and the wrapper passes `prepare_controls(control["sana_controls"], model, caption, context)` as the
-SanaTransformer's `control=`. Outside the start/end window get_control returns the previous ControlNets' entry
+and the wrapper passes `model_control(control, model, caption, context)` as the SanaTransformer's
+`control=`. Outside the start/end window get_control returns the previous ControlNets' entry
 or None, so the model runs its plain path (bit for bit). The hint image is encoded by the VAE given to Apply
 ControlNet and scaled by SANA's latent format (raw DC-AE latent * 0.41407), as the official pipeline does.
 Imports ComfyUI only inside ComfyUI (the class is made on first use).
@@ -17,10 +17,21 @@ import functools
 
 from sana_core.autoencoder import SCALING_FACTOR
 from sana_core.checkpoints import CheckpointError
-from sana_core.controlnet import load_controlnet
+from sana_core.controlnet import load_controlnet, prepare_controls
 
 KEY = "sana_controls"  # the entry of get_control's dict the model wrapper reads
 GRAPH_CHOICES = ["from the file", "official", "diffusers"]
+
+
+def model_control(control, model, caption, context):
+    """What the SANA model wrapper's forward passes as the SanaTransformer's control=, from the `control` ComfyUI
+    gives it (get_control's output, or None): the ControlNets prepared for this call's caption, or None."""
+    if not control:
+        return None
+    if KEY not in control:
+        raise ValueError("Apply ControlNet: the ControlNet was made for another model family; a SANA model takes "
+                         "SANA ControlNets (load them with the SANA ControlNet Loader)")
+    return prepare_controls(control[KEY], model, caption, context)
 
 
 @functools.cache

@@ -34,10 +34,10 @@ _load("comfyui_sana", ROOT / "__init__.py", package=True)  # registers sana_core
 core_nodes = _load("comfy_core_nodes", Path(cli_args.__file__).resolve().parents[1] / "nodes.py")
 
 from sana_core import load_autoencoder  # noqa: E402
-from sana_core.controlnet import ControlNet, Controls, encode_hint, prepare_controls  # noqa: E402
+from sana_core.controlnet import ControlNet, Controls, encode_hint  # noqa: E402
 from sana_core.demo import write_demo_autoencoder  # noqa: E402
 from sana_core.transformer import SanaConfig, SanaTransformer, random_state_dict  # noqa: E402
-from sana_nodes.controlnet import KEY, control_class  # noqa: E402
+from sana_nodes.controlnet import KEY, control_class, model_control  # noqa: E402
 
 CFG = SanaConfig(depth=3, width=64, caption_dim=48, self_heads=2, cross_heads=2, mlp_hidden=160)
 H, W = 64, 96  # image; latent 2 x 3
@@ -101,7 +101,8 @@ def test_apply_controlnet_window_hint_and_chain(parts):
     assert negative[0][1]["control"] is not None
     control.pre_run(None, lambda percent: 1.0 - percent)  # sigma of a flow model with shift 1
     x = torch.randn(2, 32, H // 32, W // 32)  # uncond + cond
-    inside = control.get_control(x, torch.tensor([0.5]), {}, 2, {})[KEY]
+    returned = control.get_control(x, torch.tensor([0.5]), {}, 2, {})
+    inside = returned[KEY]
     assert [(net, s) for net, _, s in inside] == [(official, 0.8), (port, 0.5)]
     for (_, hint, _), img in zip(inside, (image, edges)):
         want = encode_hint(ae, img.movedim(-1, 1), W, H)  # the library's hint: what the official pipeline makes
@@ -117,12 +118,15 @@ def test_apply_controlnet_window_hint_and_chain(parts):
     caption = base.encode_caption(context)
     t = torch.tensor([500.0, 500.0])
     with torch.no_grad():
-        got = base(x, t, caption, control=prepare_controls(inside, base, caption, context))
+        got = base(x, t, caption, control=model_control(returned, base, caption, context))
         want = base(x, t, caption, control=Controls(
             net.prepare(encode_hint(ae, img.movedim(-1, 1), W, H), base, caption, context, s)
             for net, img, s in ((official, image, 0.8), (port, edges, 0.5))))
         plain = base(x, t, caption)
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, plain, atol=1e-3)
+    assert model_control(None, base, caption, context) is None
+    with pytest.raises(ValueError, match="another model family"):  # a core ControlNet's output on a SANA model
+        model_control({"input": [], "middle": [], "output": [torch.zeros(1)]}, base, caption, context)
 
 
 def test_a_vae_is_required(parts):
