@@ -268,6 +268,9 @@ def load_controlnet(path, *, graph=None, dtype=None, device=None, **hints) -> Co
     path = Path(path)
     if graph is not None and graph not in GRAPHS:
         raise ValueError(f"graph must be None (from the file's layout), 'official' or 'diffusers', got {graph!r}")
+    unknown = sorted(set(hints) - {"cross_heads", "self_heads"})
+    if unknown:
+        raise TypeError(f"unknown ControlNet hint(s) {', '.join(unknown)}; accepted: cross_heads, self_heads")
     if path.is_dir() and (path / "controlnet").is_dir() and not any(path.glob("*.safetensors")):
         path = path / "controlnet"  # a diffusers pipeline folder
     device = torch.device(device) if device is not None else default_device()
@@ -281,9 +284,6 @@ def load_controlnet(path, *, graph=None, dtype=None, device=None, **hints) -> Co
             tensors = original_to_controlnet(tensors, graph)
         else:
             tensors = diffusers_to_controlnet(tensors, graph)
-        unknown = sorted(set(hints) - {"cross_heads", "self_heads"})
-        if unknown:
-            raise TypeError(f"unknown ControlNet hint(s) {', '.join(unknown)}; accepted: cross_heads, self_heads")
         settings = {**_parse_config(metadata), **{k: v for k, v in hints.items() if v is not None}}
         config = detect_controlnet_config(tensors, settings)
         if graph == DIFFUSERS and "t_embedder.mlp.0.weight" not in tensors:
