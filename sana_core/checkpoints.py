@@ -107,11 +107,14 @@ def strip_prefix(tensors: dict, prefixes=("model.diffusion_model.", "model.")) -
 
 
 def guess_component(keys) -> str:
-    """'transformer', 'autoencoder', 'text_encoder' or 'unknown', from key names alone."""
+    """'transformer', 'autoencoder', 'text_encoder', 'controlnet' (a diffusers- or UNet-style ControlNet of any
+    family; an original SANA file holding a ControlNet is a 'transformer') or 'unknown', from key names alone."""
     keys = list(keys)
     text = " ".join(keys[:5000])
     if "embed_tokens" in text or "self_attn.q_proj" in text:
         return "text_encoder"
+    if "controlnet_blocks." in text or "input_hint_block." in text or "controlnet_cond_embedding." in text:
+        return "controlnet"
     if "scale_shift_table" in text or "x_embedder" in text or "patch_embed" in text:
         return "transformer"
     if "decoder." in text or "encoder." in text:
@@ -124,7 +127,8 @@ def describe(tensors: dict) -> str:
     keys = sorted(tensors)
     kind = guess_component(keys)
     looks = {"transformer": "a SANA transformer (DiT)", "autoencoder": "an autoencoder (VAE)",
-             "text_encoder": "a text encoder (Gemma/LLM)", "unknown": "no known SANA component"}[kind]
+             "text_encoder": "a text encoder (Gemma/LLM)", "controlnet": "a ControlNet",
+             "unknown": "no known SANA component"}[kind]
     return f"{len(keys)} tensors that look like {looks}, e.g. {', '.join(keys[:3])}"
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cuda_graphs as graphs, resolution, samplers
+from .controlnet import encode_hint, prepare_controls
 
 SAMPLER_STEPS = {"flow_dpm_solver": 20, "flow_euler": 28, "scm": 2}  # default steps per sampler
 PAG_SCALE = 2.0  # the official scale when PAG is on (off by default: it costs a third more DiT work)
@@ -61,7 +62,7 @@ def base_resolution(config) -> int:
 
 def sample_latents(transformer, noise, cond, cond_mask, uncond=None, uncond_mask=None, *, sampler, steps, cfg,
                    pag_scale=0.0, pag_layers=(), shift, denoise=1.0, latent=None, seed=0, callback=None,
-                   integer_timesteps=True, cuda_graphs=None) -> torch.Tensor:
+                   integer_timesteps=True, cuda_graphs=None, controls=()) -> torch.Tensor:
     """Guided sampling: returns the clean float32 latent (B, 32, h, w) on the transformer's device.
 
     noise (B, 32, h, w) unit variance (any device); cond/uncond (1 or B, T, D) caption embeddings with
@@ -73,7 +74,8 @@ def sample_latents(transformer, noise, cond, cond_mask, uncond=None, uncond_mask
     initial noise: a seed gives the same image here, in SanaPipeline, in ComfyUI and in diffusers.
     The caption side of the cross-attention is computed once; on a GPU each step (the whole guided
     call) is replayed from a CUDA graph (sana_core.cuda_graphs) unless cuda_graphs=False or the
-    environment has SANA_CUDA_GRAPHS=0 (None: the environment decides).
+    environment has SANA_CUDA_GRAPHS=0 (None: the environment decides). controls: (ControlNet, hint latent
+    (1 or B, 32, h, w), strength) triples (sana_core.controlnet), applied to every guidance group.
     """
     config = transformer.config
     samplers.check_steps(sampler, steps, denoise)
@@ -107,9 +109,9 @@ def sample_latents(transformer, noise, cond, cond_mask, uncond=None, uncond_mask
     layers = tuple(pag_layers) if use_pag else ()
     scales = torch.tensor([cfg, pag_scale], dtype=torch.float32, device=device)  # tensors: a graph serves any value
 
-    def velocity(x, t, caption, guidance, perturbed, scales):  # x (B, 32, h, w) float32, t (B,) flow time
+    def velocity(x, t, caption, guidance, perturbed, scales, control):  # x (B, 32, h, w) float32, t (B,) flow time
         out = transformer(torch.cat([x] * n).to(dtype), (t * samplers.NUM_TRAIN_TIMESTEPS).repeat(n), caption,
-                          None, guidance, perturbed=perturbed, perturbed_layers=layers)
+                          None, guidance, perturbed=perturbed, perturbed_layers=layers, control=control)
         out = out.float().chunk(n)  # guidance arithmetic in float32, in diffusers' order
         c = out[1] if use_cfg else out[0]
         v = out[0] + scales[0] * (c - out[0]) if use_cfg else c
@@ -122,14 +124,16 @@ def sample_latents(transformer, noise, cond, cond_mask, uncond=None, uncond_mask
     try:
         with torch.no_grad():
             caption = transformer.encode_caption(context.to(device), context_mask.to(device))  # once per sample
-            step = graphs.GraphedStep(velocity, (caption, guidance, perturbed, scales), module=transformer,
-                                      key=("velocity", n, use_cfg, use_pag, layers), enabled=cuda_graphs,
+            control = prepare_controls(controls, transformer, caption, context.to(device), groups=n)
+            nets = tuple(graphs.fingerprint(net) for net, _, _ in controls)  # a graph reads their weights too
+            step = graphs.GraphedStep(velocity, (caption, guidance, perturbed, scales, control), module=transformer,
+                                      key=("velocity", n, use_cfg, use_pag, layers, nets), enabled=cuda_graphs,
                                       tokens=n * batch * noise.shape[-2] * noise.shape[-1])
             return samplers.sample(step, noise.to(device), sampler=sampler, steps=steps, shift=shift,
                                    denoise=denoise, latent=latent, generator=generator, callback=callback,
                                    integer_timesteps=integer_timesteps)
     except BaseException:
-        context = context_mask = guidance = perturbed = noise = latent = cond = uncond = caption = step = None
+        context = context_mask = guidance = perturbed = noise = latent = cond = uncond = caption = step = control = None
         raise
 
 
@@ -193,7 +197,8 @@ class SanaPipeline:
 
     def __call__(self, prompt, negative_prompt="", width=None, height=None, aspect_ratio=None, steps=None, cfg=None,
                  pag_scale=None, flow_shift=None, sampler=None, seed=0, batch_size=1, latents=None, image=None,
-                 denoise=1.0, output="pil", callback=None, integer_timesteps=True, pag_layers=None):
+                 denoise=1.0, output="pil", callback=None, integer_timesteps=True, pag_layers=None, controlnet=None,
+                 control_image=None, control_scale=1.0):
         """Make images. Returns a list of PIL images (output="pil"), a float tensor (B, 3, H, W) in
         [0, 1] on the CPU (output="tensor"), or the clean latent (output="latent").
 
@@ -204,6 +209,8 @@ class SanaPipeline:
         torch.randn([B, 32, H/32, W/32], generator=torch.manual_seed(seed)) on the CPU, as in ComfyUI
         (`latents` replaces it). image (PIL or (B, 3, H, W) in [0, 1]) with denoise < 1:
         image-to-image. callback(step, total, x0) after each step; raising from it stops cleanly.
+        controlnet (load_controlnet) with control_image (PIL or (B, 3, H, W) in [0, 1], e.g. HED edges; resized to
+        the output size) and control_scale (what the ControlNet adds is multiplied by it).
         """
         if output not in ("pil", "tensor", "latent"):
             raise ValueError(f"output must be 'pil', 'tensor' or 'latent', got {output!r}")
@@ -213,6 +220,8 @@ class SanaPipeline:
             raise ValueError("prompt must be a string or a non-empty list of strings")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive whole number, got {batch_size!r}")
+        if (controlnet is None) != (control_image is None):
+            raise ValueError("a ControlNet needs both controlnet= (load_controlnet) and control_image= (its hint)")
         if image is not None and denoise >= 1.0:
             raise ValueError("an input image needs denoise below 1 (e.g. 0.6): denoise=1 starts from pure noise "
                              "and would ignore the image")
@@ -239,11 +248,13 @@ class SanaPipeline:
 
         cond, cond_mask, uncond, uncond_mask = self._encode_prompts(prompts, negative_prompt, batch_size,
                                                                     need_uncond=not config.sprint and cfg != 1.0)
+        controls = () if controlnet is None else [
+            (controlnet, encode_hint(self.autoencoder, control_image, width, height), control_scale)]
         self._offload_text_encoder_if_short(batch, width, height, cfg, pag_scale)
         latent = sample_latents(self.transformer, noise, cond, cond_mask, uncond, uncond_mask, sampler=sampler,
                                 steps=steps, cfg=cfg, pag_scale=pag_scale, pag_layers=pag_layers, shift=shift,
                                 denoise=denoise, latent=clean, seed=seed, callback=callback,
-                                integer_timesteps=integer_timesteps)
+                                integer_timesteps=integer_timesteps, controls=controls)
         if output == "latent":
             return latent
         with torch.no_grad():

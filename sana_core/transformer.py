@@ -215,6 +215,12 @@ def residual_adaln(x, residual, shift, scale):
     return gated_residual_adaln(x, y, gate, shift, scale)
 
 
+def block_output(x, residual):
+    """A block's whole output: x plus its pending gated Mix-FFN residual (float16 clamped, as diffusers does)."""
+    x = torch.addcmul(x, *residual)
+    return x.clamp_(-FP16_MAX, FP16_MAX) if x.dtype == torch.float16 else x
+
+
 class ConvLayer(nn.Module):
     """Holds a conv under the original name (`mlp.inverted_conv.conv.weight`, ...)."""
 
@@ -332,12 +338,14 @@ class SanaTransformer(nn.Module):
         return Caption(tuple(block.cross_attn.caption_kv(y) for block in self.blocks), keep)
 
     def forward(self, x, timestep, context, context_mask=None, guidance=None, *, perturbed=None,
-                perturbed_layers=()):
+                perturbed_layers=(), control=None):
         """x (B, 32, h, w) latent; timestep (B,) flow time t in [0, 1] times 1000; context (B, T, 2304)
         Gemma hidden states, or the Caption that encode_caption made of them (then no context_mask);
         context_mask (B, T) 1 real / 0 padding; guidance (B,) raw guidance scale, Sprint models only;
         perturbed (B,) bool: samples whose self-attention is the identity on V in the blocks
-        `perturbed_layers` (PAG). Returns the velocity, x's dtype."""
+        `perturbed_layers` (PAG); control: ControlNets prepared for this call (sana_core.controlnet: an object
+        whose residuals(x, x0, timestep, t0, h, w) gives {block index: (B, N, C) added to that block's output},
+        called once with block 0's output x0). Returns the velocity, x's dtype."""
         cfg = self.config
         timestep = torch.as_tensor(timestep, device=x.device)
         guidance = None if guidance is None else torch.as_tensor(guidance, device=x.device)
@@ -358,9 +366,16 @@ class SanaTransformer(nn.Module):
 
         perturbed_layers = set(perturbed_layers) if perturbed is not None else ()
         residual = None  # each block's gated Mix-FFN output is added by the next norm (one pass)
+        adds = {}  # ControlNets: block index -> residual added to that block's output
         for i, (block, kv) in enumerate(zip(self.blocks, caption.kv)):
             tokens, residual = block(tokens, residual, kv, caption.keep, t0, h, w,
                                      perturbed if i in perturbed_layers else None)
+            if control is not None and (i == 0 or i in adds):  # ---- ControlNet hook (sana_core.controlnet)
+                tokens, residual = block_output(tokens, residual), None
+                if i == 0:
+                    adds = control.residuals(x.to(dtype), tokens, timestep, t0, h, w)
+                if i in adds:
+                    tokens = tokens + adds[i]
 
         out = self.final_layer(tokens, residual, t)  # (B, N, 32)
         return out.transpose(1, 2).unflatten(2, (h, w)).to(out_dtype)  # (B, 32, h, w)
@@ -404,7 +419,8 @@ class SanaTransformer(nn.Module):
 # ----------------------------------------------------------------------------- loading
 
 IGNORED_KEYS = ("pos_embed", "patch_embed.pos_embed", "y_embedder.y_embedding")  # stale buffer, training-time null caption
-IGNORED_PREFIXES = ("logvar_linear.",)  # Sprint's training-only head
+IGNORED_PREFIXES = ("logvar_linear.", "controlnet.")  # Sprint's training-only head; an original ControlNet file's own
+# blocks (that file holds the whole model: load_transformer loads its base DiT, load_controlnet the rest)
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")  # ComfyUI single files
 
 # diffusers name prefix -> original name prefix (the suffix `weight`/`bias` is kept)
@@ -562,6 +578,19 @@ def _settings(hints: dict, metadata: dict, names, stale) -> dict:
     return settings
 
 
+def attention_heads(width: int, settings: dict, what="model") -> tuple[int, int]:
+    """(self-attention heads, cross-attention heads) of a width: from settings, else the published models'."""
+    self_heads = settings.get("self_heads") or width // SELF_HEAD_DIM
+    cross_heads = settings.get("cross_heads") or CROSS_HEADS.get(width)
+    if cross_heads is None:
+        raise CheckpointError(f"cannot tell the cross-attention heads of a width-{width} {what} (published "
+                              f"widths: {', '.join(map(str, CROSS_HEADS))}): pass cross_heads=N, or store it in "
+                              f"a config.json / safetensors metadata 'config' as num_cross_attention_heads")
+    if width % self_heads or width % cross_heads:
+        raise CheckpointError(f"width {width} is not divisible by the heads ({self_heads} self, {cross_heads} cross)")
+    return self_heads, cross_heads
+
+
 def detect_config(tensors, settings: dict) -> SanaConfig:
     """The model's structure from its (original-named) tensors; heads and position embedding
     from `settings` where the tensors cannot tell."""
@@ -572,14 +601,7 @@ def detect_config(tensors, settings: dict) -> SanaConfig:
     width, in_channels, p, _ = tensors["x_embedder.proj.weight"].shape
     if p != 1:
         raise CheckpointError(f"patch size {p} is not supported: SANA models use patch size 1")
-    self_heads = settings.get("self_heads") or width // SELF_HEAD_DIM
-    cross_heads = settings.get("cross_heads") or CROSS_HEADS.get(width)
-    if cross_heads is None:
-        raise CheckpointError(f"cannot tell the cross-attention heads of a width-{width} model (published "
-                              f"widths: {', '.join(map(str, CROSS_HEADS))}): pass cross_heads=N, or store it in "
-                              f"a config.json / safetensors metadata 'config' as num_cross_attention_heads")
-    if width % self_heads or width % cross_heads:
-        raise CheckpointError(f"width {width} is not divisible by the heads ({self_heads} self, {cross_heads} cross)")
+    self_heads, cross_heads = attention_heads(width, settings)
     pe, base = settings.get("pe_interpolation"), settings.get("base_size")
     if pe is not None and base is None:
         raise CheckpointError(f"pe_interpolation={pe} needs base_size= (the latent side the model was trained "
@@ -611,9 +633,10 @@ def load_transformer(path, *, dtype=None, device=None, **hints) -> SanaTransform
     tensors = strip_prefix(tensors, PREFIXES)
     kind = guess_component(tensors)
     if kind != "transformer":
-        loader = {"autoencoder": "load_autoencoder", "text_encoder": "load_text_encoder"}.get(kind)
+        loader = {"autoencoder": "load_autoencoder (the VAE loader)", "text_encoder": "load_text_encoder (the "
+                  "text-encoder loader)", "controlnet": "load_controlnet (the SANA ControlNet loader)"}.get(kind)
         raise CheckpointError(f"{path.name} is not a SANA transformer: it holds {describe(tensors)}"
-                              + (f"; load it with {loader} (the VAE / text-encoder loader)" if loader else ""))
+                              + (f"; load it with {loader}" if loader else ""))
     stale = tensors.get("pos_embed")
     tensors = {k: v for k, v in tensors.items() if not _ignored(k)}
     try:
