@@ -11,8 +11,8 @@ from .presets import pairing_error
 
 def sample_latents(transformer, noise, cond, cond_mask, uncond=None, uncond_mask=None, *, sampler, steps, cfg,
                    pag_scale=0.0, pag_layers=(), shift, denoise=1.0, latent=None, seed=0, callback=None,
-                   integer_timesteps=True, runtime=None) -> torch.Tensor:
-    """Guided sampling: returns the clean float32 latent (B, 32, h, w) on the transformer's device.
+                   integer_timesteps=True, runtime=None, device=None) -> torch.Tensor:
+    """Guided sampling: returns the clean float32 latent (B, 32, h, w) on `device`.
 
     noise (B, 32, h, w) unit variance (any device); cond/uncond (1 or B, T, D) caption embeddings with
     masks (1 or B, T). CFG runs [uncond, cond] in one batched forward (skipped when cfg == 1); PAG
@@ -23,14 +23,14 @@ def sample_latents(transformer, noise, cond, cond_mask, uncond=None, uncond_mask
     initial noise: a seed gives the same image here, in SanaPipeline, in ComfyUI and in diffusers.
     The caption side of the cross-attention is computed once. With a `runtime` (sana_core.runtime.Runtime)
     each step (the whole guided call) is replayed from one of its CUDA graphs on a GPU; None: eager.
+    device: where to sample (None: the transformer's; give a partially loaded model's load device).
     """
     config = transformer.config
     samplers.check_steps(sampler, steps, denoise)
     error = pairing_error(config, sampler, steps)
     if error:
         raise ValueError(error)
-    param = next(transformer.parameters())
-    device, dtype = param.device, param.dtype
+    device, dtype = torch.device(device or transformer.device), transformer.dtype
     batch = noise.shape[0]
     cond, cond_mask = _expand(cond, cond_mask, batch, "cond")
     use_cfg, use_pag = (not config.sprint) and cfg != 1.0, pag_scale != 0.0
@@ -70,7 +70,7 @@ def sample_latents(transformer, noise, cond, cond_mask, uncond=None, uncond_mask
         torch.randn(noise.shape, generator=generator)  # the initial noise's draw; step noise follows it
     try:
         with torch.no_grad():
-            caption = transformer.encode_caption(context.to(device), context_mask.to(device))  # once per sample
+            caption = transformer.encode_caption(context, context_mask, device=device)  # once per sample
             constants = (caption, guidance, perturbed, scales)
             if runtime is None:
                 step = lambda x, t: velocity(x, t, *constants)  # noqa: E731

@@ -291,13 +291,13 @@ class GraphedStep:
             return f"{self.tokens} tokens per call > {self.max_tokens}: compute-bound, launch gaps are negligible"
         if self.runtime.broken:
             return f"an earlier {self.runtime.broken}"
+        if any(getattr(m, "weight_function", None) or getattr(m, "bias_function", None) for m in self.module.modules()):
+            return "layers patch their weights on the fly (low-VRAM weight patches)"
         device = inputs[0].device
         if device.type != "cuda" or not all(t.device == device for t in _tensors((inputs, self.constants))):
             return f"inputs on {device}, not all on one CUDA device"
         if any(d != device for d, *_ in self.fingerprint):
             return f"the model's weights are not all on {device} (partially loaded or offloaded)"
-        if any(getattr(m, "weight_function", None) or getattr(m, "bias_function", None) for m in self.module.modules()):
-            return "layers patch their weights on the fly (low-VRAM weight patches)"
         if torch.is_grad_enabled():
             return "autograd is on (sampling runs under torch.no_grad())"
         if torch.cuda.is_current_stream_capturing():
