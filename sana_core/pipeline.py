@@ -1,5 +1,5 @@
-"""The text-to-image (and image-to-image) pipeline: prompts, sizes, seeds, image-to-image and decoding
-around `guidance.sample_latents`, with a `runtime.Runtime` for CUDA graphs and memory decisions.
+"""The text-to-image pipeline: prompts, sizes, seeds, image-to-image and decoding around
+`guidance.sample_latents`, with a `runtime.Runtime` for CUDA graphs and memory decisions.
 """
 import numpy as np
 import torch
