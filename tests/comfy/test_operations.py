@@ -6,7 +6,8 @@ ComfyUI's Python with ComfyUI and this repository importable:
 A low-VRAM partial load leaves layers to ComfyUI's cast path (comfy_cast_weights) and applies the weight
 patches of those layers on the fly (weight_function), while the layers it loads get theirs patched in place:
 the result must be the plain model's with the patched weights, including where our fast paths read weights
-themselves (Mix-FFN convolutions, the depthwise conv + GLU kernel)."""
+themselves (Mix-FFN convolutions, the depthwise conv + GLU kernel). Patching a loaded model changes the
+fingerprint its CUDA graphs are keyed by."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ if "sana_core.kernels" not in sys.modules:  # load the pack the way ComfyUI does
     spec.loader.exec_module(pack)
 
 from sana_core.operations import reads_weights_directly  # noqa: E402
+from sana_core.runtime import fingerprint  # noqa: E402
 from sana_core.transformer import SanaConfig, SanaTransformer, random_state_dict  # noqa: E402
 
 CFG = SanaConfig(depth=2, width=64, caption_dim=48, self_heads=2, cross_heads=2, mlp_hidden=160, qk_norm=True)
@@ -89,3 +91,19 @@ def test_low_vram_partial_load_with_weight_patches_equals_the_patched_model():
     patcher.unpatch_model(CPU)  # patches gone, casting off: the unpatched model again
     assert reads_weights_directly(dit.blocks[0].mlp.inverted_conv.conv)
     assert rel_err(dit(*inputs()), build(None, state)(*inputs())) < 1e-6
+
+
+def test_patching_a_loaded_model_changes_what_its_graphs_are_keyed_by():
+    """A ModelPatcher patches a fully loaded model's weights by swapping in new tensors: the fingerprint a
+    captured graph was taken with no longer matches, so the graph is dropped and captured again."""
+    state = random_state_dict(CFG, seed=1)
+    dit = build(comfy.ops.disable_weight_init, state)
+    patcher = comfy.model_patcher.ModelPatcher(Holder(dit), load_device=CPU, offload_device=CPU)
+    before = fingerprint(dit)
+    key = "blocks.0.attn.qkv.weight"
+    patcher.add_patches({f"diffusion_model.{key}": (torch.ones_like(state[key]),)})
+    patcher.patch_model(device_to=CPU)
+    assert fingerprint(dit) != before and reads_weights_directly(dit.blocks[0].attn.qkv)
+    patched = fingerprint(dit)
+    patcher.unpatch_model(CPU)
+    assert fingerprint(dit) != patched
