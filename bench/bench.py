@@ -42,10 +42,13 @@ PROMPT = ("a cyberpunk cat with a neon sign that says sana, rain on the street, 
 from checkout import import_sana  # noqa: E402
 
 import_sana()
-from sana_core import cuda_graphs, pipeline as P, text_encoder as TE, transformer as T  # noqa: E402
+from sana_core import pipeline as P, runtime as rt, text_encoder as TE, transformer as T  # noqa: E402
 from sana_core import autoencoder as AE  # noqa: E402
+from sana_core.guidance import sample_latents  # noqa: E402
+from sana_core.presets import defaults_for  # noqa: E402
 
 DEV = torch.device(os.environ.get("BENCH_DEVICE", "cuda"))  # "cpu": dry runs of the model builders
+RUNTIME = rt.Runtime()  # the graphs and memory decisions of every row's "ours" (SANA_CUDA_GRAPHS switches graphs)
 LOG = []
 
 
@@ -117,16 +120,16 @@ def extra_gib(fn):
 
 def pool_gib():
     """Device memory held by the cached CUDA graphs' pool (reserved, not in max_memory_allocated once captured)."""
-    return cuda_graphs.held_bytes("cuda") / GiB
+    return RUNTIME.held_bytes("cuda") / GiB
 
 
 def graphs_held():
     """What the CUDA-graph cache holds (the first word of each key: velocity, gemma, decode), and why capturing
     stopped for the process if it did: shows that a row's ours really ran from graphs."""
-    return dict(graphs=sorted(str(k[1][0]) for k in cuda_graphs.CACHE.entries), graphs_broken=cuda_graphs.BROKEN)
+    return dict(graphs=sorted(str(k[1][0]) for k in RUNTIME.cache.entries), graphs_broken=RUNTIME.broken)
 
 
-def phase_ms(call, te, ae):
+def phase_ms(call, te):
     """Wall milliseconds per phase of one pipeline call(): prompt encoding, sampling, decoding and the rest
     (noise, checks, the PIL images), the GPU synchronised at each phase's ends."""
     times = {}
@@ -140,13 +143,13 @@ def phase_ms(call, te, ae):
             times[name] = times.get(name, 0.0) + 1000 * (time.perf_counter() - t0)
             return out
         return run
-    sample, decode = P.sample_latents, ae.decode_auto
-    P.sample_latents, te.encode, ae.decode_auto = timed("sample", sample), timed("encode", te.encode), \
+    sample, decode = P.sample_latents, RUNTIME.decode
+    P.sample_latents, te.encode, RUNTIME.decode = timed("sample", sample), timed("encode", te.encode), \
         timed("decode", decode)
     try:
         total, _ = wall_s(call)
     finally:
-        P.sample_latents, ae.decode_auto = sample, decode
+        P.sample_latents, RUNTIME.decode = sample, decode
         del te.encode
     times["other"] = 1000 * total - sum(times.values())
     return times
@@ -372,21 +375,21 @@ def row_dit(variant, px, compile_modes):
                               return_dict=False)[0]
     eager = lambda: ours(x, t, ctx, mask)  # noqa: E731
     r["rel_err_vs_diffusers"] = rel_err(eager(), theirs_call(ref))
-    step = cuda_graphs.GraphedStep(lambda x, t, c, m: ours(x, t, c, m), (ctx, mask), module=ours,
-                                   key="bench-forward", tokens=0, enabled=True)
+    graphs = rt.Runtime(cuda_graphs=True)
+    step = graphs.graphed(lambda x, t, c, m: ours(x, t, c, m), (ctx, mask), module=ours, key="bench-forward",
+                          tokens=0)
     step(x, t)  # warm-up (the next call captures)
     r["graph_equals_eager"] = bool(torch.equal(step(x, t), eager()))
     r["graph_vs_eager_rel_err"] = rel_err(step(x, t), eager())
     r["ours_eager_ms"] = time_ms(eager)
     r["ours_graph_ms"] = time_ms(lambda: step(x, t)) if step.captured is not None else None
     caption = ours.encode_caption(ctx, mask)
-    stepc = cuda_graphs.GraphedStep(lambda x, t, c: ours(x, t, c), (caption,), module=ours, key="bench-step",
-                                    tokens=0, enabled=True)
+    stepc = graphs.graphed(lambda x, t, c: ours(x, t, c), (caption,), module=ours, key="bench-step", tokens=0)
     stepc(x, t)
     r["ours_step_ms"] = time_ms(lambda: stepc(x, t))  # caption side precomputed (what sampling replays)
     del step, stepc
-    cuda_graphs.release()
-    uses_graph = 2 * (px // 32) ** 2 <= cuda_graphs.MAX_TOKENS
+    graphs.release()
+    uses_graph = 2 * (px // 32) ** 2 <= rt.MAX_TOKENS
     r["ours_mode"] = "cuda graph" if uses_graph else "eager"
     r["ours_ms"] = r["ours_graph_ms"] if uses_graph and r["ours_graph_ms"] else r["ours_eager_ms"]
     r["profile_ours_eager"] = profile(eager, top=10)
@@ -420,7 +423,7 @@ def dcae_variant(ae, variant):
         return self.conv_out(torch.relu_(self.norm_out(x)))
     with contextlib.ExitStack() as stack:
         if variant != "as-is":
-            stack.enter_context(env(cuda_graphs.ENV, "0"))
+            stack.enter_context(env(rt.ENV, "0"))
         if variant == "nchw":
             AE.Decoder.local_stages = nchw
         if variant == "cl-weights":
@@ -442,14 +445,14 @@ def row_dcae_variants(px):
     r = dict(kind="dcae-variants", px=px, tflop=dcae_flops(px) / 1e12)
     for variant in ("as-is", "eager", "nchw", "cl-weights"):
         with dcae_variant(ours, variant):
-            r[f"{variant}_ms"] = time_ms(lambda: ours.decode(latent), budget_s=2)
-            r[f"{variant}_rel_err"] = rel_err(ours.decode(latent), base)
-            r[f"{variant}_extra_gib"] = extra_gib(lambda: ours.decode(latent))
+            r[f"{variant}_ms"] = time_ms(lambda: RUNTIME.decode_untiled(ours, latent), budget_s=2)
+            r[f"{variant}_rel_err"] = rel_err(RUNTIME.decode_untiled(ours, latent), base)
+            r[f"{variant}_extra_gib"] = extra_gib(lambda: RUNTIME.decode_untiled(ours, latent))
             if variant in ("eager", "nchw"):
-                r[f"{variant}_profile"] = profile(lambda: ours.decode(latent), top=12)
+                r[f"{variant}_profile"] = profile(lambda: RUNTIME.decode_untiled(ours, latent), top=12)
     r["graph_pool_gib"] = pool_gib()
     del ours
-    cuda_graphs.release()
+    RUNTIME.release()
     free_all()
     return r
 
@@ -459,22 +462,23 @@ def row_dcae(px, tiled):
     ref = diffusers_dcae(ours)
     g = torch.Generator(device=DEV).manual_seed(0)
     latent = torch.randn(1, 32, px // 32, px // 32, generator=g, device=DEV)  # the DiT's (scaled) float32 latent
-    cuda_graphs.release()
+    RUNTIME.release()
+    untiled = lambda: RUNTIME.decode_untiled(ours, latent)  # noqa: E731
     r = dict(kind="dcae", px=px, tiled=tiled, tflop=dcae_flops(px) / 1e12)
     theirs = lambda: ref.decode((latent / 0.41407).to(BF16), return_dict=False)[0]  # noqa: E731
-    r["rel_err_vs_diffusers_untiled"] = rel_err(ours.decode_tiled(latent) if tiled else ours.decode(latent),
+    r["rel_err_vs_diffusers_untiled"] = rel_err(ours.decode_tiled(latent) if tiled else untiled(),
                                                 theirs().float().clamp(-1, 1))
     if tiled:
         ours_call = lambda: ours.decode_tiled(latent)  # noqa: E731
-        r["ours_untiled_ms"] = time_ms(lambda: ours.decode(latent), budget_s=3)
-        r["ours_untiled_extra_gib"] = extra_gib(lambda: ours.decode(latent))
-        r["tiled_equals_untiled_rel_err"] = rel_err(ours_call(), ours.decode(latent))
+        r["ours_untiled_ms"] = time_ms(untiled, budget_s=3)
+        r["ours_untiled_extra_gib"] = extra_gib(untiled)
+        r["tiled_equals_untiled_rel_err"] = rel_err(ours_call(), untiled())
         r["diffusers_untiled_ms"] = time_ms(theirs, budget_s=3, max_reps=5)
         r["diffusers_untiled_extra_gib"] = extra_gib(theirs)
         ref.enable_tiling()
         r["diffusers_note"] = "enable_tiling() defaults (512 px tiles, 448 stride)"
     else:
-        ours_call = lambda: ours.decode(latent)  # noqa: E731
+        ours_call = untiled
     r["ours_ms"], r["ours_mode"] = time_ms(ours_call, budget_s=3), "tiled (default)" if tiled else "untiled"
     r["ours_extra_gib"] = extra_gib(ours_call)
     r["diffusers_ms"] = time_ms(theirs, budget_s=3)
@@ -483,7 +487,7 @@ def row_dcae(px, tiled):
     r.update(graphs_held())
     r["ours_peak_gib"] = r["ours_extra_gib"] + r["ours_graph_pool_gib"] + module_bytes(ours.decoder) / GiB
     if not tiled:
-        with env(cuda_graphs.ENV, "0"):
+        with env(rt.ENV, "0"):
             r["ours_eager_ms"] = time_ms(ours_call, budget_s=2)
     r["diffusers_peak_gib"] = r["diffusers_extra_gib"] + module_bytes(ref.decoder) / GiB
     if not tiled and px == 1024:
@@ -503,16 +507,16 @@ def row_gemma():
     pipe = SanaPipeline(tokenizer=te.tokenizer, text_encoder=DiffusersGemma(te), vae=None, transformer=None,
                         scheduler=None)
     prompts = [PROMPT, PROMPT + " at night"]
-    ours = lambda: te.encode(prompts)  # noqa: E731
+    ours = lambda: RUNTIME.encode_text(te, prompts)  # noqa: E731
     theirs = lambda: pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=DEV,  # noqa: E731
                                         clean_caption=False, complex_human_instruction=CHI)
-    cuda_graphs.release()
+    RUNTIME.release()
     eager = ours()[0]  # the warm-up (eager)
     a, b = ours()[0], theirs()[0]  # a: captured and replayed (or a second warm-up, when the first synced)
     r = dict(kind="gemma", batch=2, tokens=300, rel_err_vs_diffusers=rel_err(a, b),
              graph_equals_eager=bool(torch.equal(a, eager)), **graphs_held())
     r["ours_ms"], r["ours_mode"] = time_ms(ours), "cuda graph"
-    with env(cuda_graphs.ENV, "0"):
+    with env(rt.ENV, "0"):
         r["ours_eager_ms"] = time_ms(ours)
     r["diffusers_ms"] = time_ms(theirs)
     r["ours_peak_gib"] = peak_gib(ours) + pool_gib()
@@ -526,8 +530,8 @@ def row_e2e(variant, px):
     te = our_text_encoder()
     dit, ae = our_dit(variant), our_dcae()
     ref_dit, ref_ae = diffusers_dit(dit), diffusers_dcae(ae)
-    shift = P.defaults_for(dit.config, px, px)["shift"]
-    ours = P.SanaPipeline(dit, ae, te)
+    shift = defaults_for(dit.config, px, px)["shift"]
+    ours = P.SanaPipeline(dit, ae, te, runtime=RUNTIME)
     theirs = diffusers_pipeline(te, ref_dit, ref_ae, shift)
     tiled = px > 2048
     if tiled:
@@ -535,9 +539,8 @@ def row_e2e(variant, px):
     r = dict(kind="e2e", variant=variant, px=px, steps=20, cfg=4.5, shift=shift,
              note="both pipelines with every model resident" + (", tiled decode (ours default tiling, diffusers "
                                                               "enable_tiling())" if tiled else ""))
-    decode_auto = ae.decode_auto
-    if tiled:
-        ae.decode_auto = ae.decode_tiled  # the row's condition: tiled decode, whatever free memory says
+    if tiled:  # the row's condition: tiled decode, whatever free memory says
+        RUNTIME.decode = lambda autoencoder, latent: autoencoder.decode_tiled(latent)
     ours_call = lambda: ours(PROMPT, width=px, height=px, steps=20, cfg=4.5, flow_shift=shift, seed=0)  # noqa: E731
     theirs_call = lambda: theirs(PROMPT, negative_prompt="", num_inference_steps=20, guidance_scale=4.5,  # noqa: E731
                                  height=px, width=px, use_resolution_binning=False, clean_caption=False,
@@ -547,19 +550,19 @@ def row_e2e(variant, px):
     first, _ = wall_s(ours_call)
     r["ours_first_image_s"] = first  # this process's first image (kernels compiled, graphs captured)
     r["ours_ms"] = 1000 * statistics.median(wall_s(ours_call)[0] for _ in range(reps))
-    r["ours_mode"] = "cuda graphs" if 2 * (px // 32) ** 2 <= cuda_graphs.MAX_TOKENS else "eager"
-    r["ours_phases_ms"] = phase_ms(ours_call, te, ae)
+    r["ours_mode"] = "cuda graphs" if 2 * (px // 32) ** 2 <= rt.MAX_TOKENS else "eager"
+    r["ours_phases_ms"] = phase_ms(ours_call, te)
     r.update(graphs_held())
     r["ours_peak_gib"] = peak_gib(ours_call, foreign=module_bytes(ref_dit, ref_ae)) + pool_gib()
     r["ours_no_graphs_ms"] = None
     if px <= 1024:
-        with env(cuda_graphs.ENV, "0"):
+        with env(rt.ENV, "0"):
             r["ours_no_graphs_ms"] = 1000 * statistics.median(wall_s(ours_call)[0] for _ in range(reps))
         # first image at a new size in this warm process, against that size's steady state
         other = dict(width=1152, height=896)
         new = lambda: ours(PROMPT, steps=20, cfg=4.5, flow_shift=shift, seed=0, **other)  # noqa: E731
         r["new_size"] = f"{other['width']}x{other['height']}"
-        r["new_size_first_phases_ms"] = phase_ms(new, te, ae)
+        r["new_size_first_phases_ms"] = phase_ms(new, te)
         r["new_size_first_s"] = sum(r["new_size_first_phases_ms"].values()) / 1000
         r["new_size_steady_s"] = statistics.median(wall_s(new)[0] for _ in range(reps))
         third = lambda: ours(PROMPT, steps=20, cfg=4.5, flow_shift=shift, seed=0, width=1280, height=768)  # noqa: E731
@@ -581,9 +584,9 @@ def row_e2e(variant, px):
     wall_s(theirs_call)  # warm-up
     r["diffusers_ms"] = 1000 * statistics.median(wall_s(theirs_call)[0] for _ in range(reps))
     r["diffusers_peak_gib"] = peak_gib(theirs_call, foreign=module_bytes(dit, ae))
-    ae.decode_auto = decode_auto
+    vars(RUNTIME).pop("decode", None)  # the class's decode again
     del ours, theirs, te, dit, ae, ref_dit, ref_ae
-    cuda_graphs.release()
+    RUNTIME.release()
     free_all()
     return r
 
@@ -595,7 +598,7 @@ def row_e2e_sprint(variant, px, steps_list=(1, 2, 4)):
     te = our_text_encoder()
     dit, ae = our_dit(variant), our_dcae()
     ref_dit, ref_ae = diffusers_dit(dit), diffusers_dcae(ae)
-    ours = P.SanaPipeline(dit, ae, te)
+    ours = P.SanaPipeline(dit, ae, te, runtime=RUNTIME)
     theirs = SanaSprintPipeline(tokenizer=te.tokenizer, text_encoder=DiffusersGemma(te), vae=ref_ae,
                                 transformer=ref_dit, scheduler=SCMScheduler())
     theirs.set_progress_bar_config(disable=True)
@@ -609,14 +612,14 @@ def row_e2e_sprint(variant, px, steps_list=(1, 2, 4)):
         for _ in range(2):
             wall_s(ours_call)  # warm-up: compile, capture at the second call
         r[f"ours_{steps}step_ms"] = 1000 * statistics.median(wall_s(ours_call)[0] for _ in range(5))
-        r[f"ours_{steps}step_phases_ms"] = phase_ms(ours_call, te, ae)
+        r[f"ours_{steps}step_phases_ms"] = phase_ms(ours_call, te)
         wall_s(theirs_call)
         r[f"diffusers_{steps}step_ms"] = 1000 * statistics.median(wall_s(theirs_call)[0] for _ in range(3))
     r["ours_ms"], r["diffusers_ms"] = r[f"ours_{steps_list[0]}step_ms"], r[f"diffusers_{steps_list[0]}step_ms"]
     r["ours_mode"] = "cuda graphs"
     r.update(graphs_held())
     del ours, theirs, te, dit, ae, ref_dit, ref_ae
-    cuda_graphs.release()
+    RUNTIME.release()
     free_all()
     return r
 
@@ -653,7 +656,7 @@ def row_smoke():
     x, t, ctx, mask = dit_inputs(dit.config, 1024)
     caption = dit.encode_caption(ctx, mask)
     fn = lambda x, t, c: dit(x, t, c)  # noqa: E731
-    step = cuda_graphs.GraphedStep(fn, (caption,), module=dit, key="smoke", tokens=2048)
+    step = RUNTIME.graphed(fn, (caption,), module=dit, key="smoke", tokens=2048)
     a, _, b = [step(x, t) for _ in range(3)]  # warm-ups (a first one may sync: lazy init), capture, replays
     r["graph_captured"] = step.captured is not None
     r["graph_equals_eager"] = bool(torch.equal(b, dit(x, t, caption)))
@@ -661,36 +664,36 @@ def row_smoke():
     dit.to("cpu")
     dit.to(DEV)  # new addresses
     caption = dit.encode_caption(ctx, mask)
-    step2 = cuda_graphs.GraphedStep(fn, (caption,), module=dit, key="smoke", tokens=2048)
+    step2 = RUNTIME.graphed(fn, (caption,), module=dit, key="smoke", tokens=2048)
     step2(x, t), step2(x, t)  # warm-up again (new weights), capture
     r["recaptured_after_move"] = step2.captures == 1
     r["after_move_equals_eager"] = bool(torch.equal(step2(x, t), dit(x, t, caption)))
-    r["graphs_cached"] = len(cuda_graphs.CACHE)
+    r["graphs_cached"] = len(RUNTIME.cache)
 
     def bad(x, t, c):
         y = dit(x, t, c)
         return y * float(y.float().abs().max().item() > -1)  # a host sync: capture must fail cleanly
-    step3 = cuda_graphs.GraphedStep(bad, (caption,), module=dit, key="smoke-bad", tokens=2048)
+    step3 = RUNTIME.graphed(bad, (caption,), module=dit, key="smoke-bad", tokens=2048)
     outs = [step3(x, t) for _ in range(3)]
     r["syncing_step_reason"] = step3.reason
     r["syncing_step_falls_back"] = bool(torch.equal(outs[2], dit(x, t, caption))) and step3.captures == 0
-    r["process_still_captures"] = not cuda_graphs.BROKEN and torch.randn(2, device=DEV).isfinite().all().item()
+    r["process_still_captures"] = not RUNTIME.broken and torch.randn(2, device=DEV).isfinite().all().item()
     r["profile_eager_forward"] = profile(lambda: dit(x, t, caption))
     # sampling: graphs vs eager, same latent
     noise = torch.randn(1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
     cond, uncond = ctx[1:], ctx[:1]
     kw = dict(sampler="flow_dpm_solver", steps=20, cfg=4.5, shift=3.0)
-    eager = P.sample_latents(dit, noise, cond, mask[1:], uncond, mask[:1], **kw, cuda_graphs=False)
-    graphed = P.sample_latents(dit, noise, cond, mask[1:], uncond, mask[:1], **kw)
+    eager = sample_latents(dit, noise, cond, mask[1:], uncond, mask[:1], **kw)
+    graphed = sample_latents(dit, noise, cond, mask[1:], uncond, mask[:1], **kw, runtime=RUNTIME)
     r["sample_graph_vs_eager_rel_err"] = rel_err(graphed, eager)
-    r["sample_graph_ms"] = time_ms(lambda: P.sample_latents(dit, noise, cond, mask[1:], uncond, mask[:1], **kw),
+    r["sample_graph_ms"] = time_ms(lambda: sample_latents(dit, noise, cond, mask[1:], uncond, mask[:1], **kw,
+                                                          runtime=RUNTIME), warmup=1, reps=3)
+    r["sample_eager_ms"] = time_ms(lambda: sample_latents(dit, noise, cond, mask[1:], uncond, mask[:1], **kw),
                                    warmup=1, reps=3)
-    r["sample_eager_ms"] = time_ms(lambda: P.sample_latents(dit, noise, cond, mask[1:], uncond, mask[:1], **kw,
-                                                            cuda_graphs=False), warmup=1, reps=3)
     r["ok"] = all(r[k] for k in ("graph_captured", "graph_equals_eager", "recaptured_after_move",
                                  "after_move_equals_eager", "syncing_step_falls_back", "process_still_captures"))
     del dit, step, step2, step3, tiny, ref
-    cuda_graphs.release()
+    RUNTIME.release()
     free_all()
     return r
 
@@ -738,9 +741,9 @@ def row_mem(variant, px):
     te = our_text_encoder()
     dit, ae = our_dit(variant), our_dcae()
     weights = module_bytes(dit, ae, te.model) / GiB
-    pipe = P.SanaPipeline(dit, ae, te)
+    pipe = P.SanaPipeline(dit, ae, te, runtime=RUNTIME)
     phases = {}
-    sample, decode = P.sample_latents, ae.decode_auto
+    sample, decode = P.sample_latents, RUNTIME.decode
 
     def phase(name, fn):
         def run(*a, **k):
@@ -755,10 +758,10 @@ def row_mem(variant, px):
             return out
         return run
     P.sample_latents = phase("sample", sample)
-    ae.decode_auto = phase("decode", decode)
-    should_offload = P.text_encoder_should_offload
-    P.text_encoder_should_offload = lambda *a, **k: True  # the rows' condition: Gemma off the GPU while sampling
-    shift = P.defaults_for(dit.config, px, px)["shift"]
+    RUNTIME.decode = phase("decode", decode)
+    should_offload = rt.text_encoder_should_offload
+    rt.text_encoder_should_offload = lambda *a, **k: True  # the rows' condition: Gemma off the GPU while sampling
+    shift = defaults_for(dit.config, px, px)["shift"]
     r = dict(kind="mem", variant=variant, px=px, cap_gib=16, weights_gib=weights,
              ours_mode="16 GiB cap, Gemma off the GPU while sampling (ms: 2nd image, with the moves)")
     try:
@@ -776,13 +779,14 @@ def row_mem(variant, px):
     except torch.OutOfMemoryError as e:
         r["ok"], r["error"] = False, f"OOM: {str(e)[:300]}"
     finally:
-        P.sample_latents, P.text_encoder_should_offload = sample, should_offload
-    if px == 4096:  # the DC-AE alone under the cap: default tiled decode and decode_auto at 4096
+        P.sample_latents, rt.text_encoder_should_offload = sample, should_offload
+        vars(RUNTIME).pop("decode", None)
+    if px == 4096:  # the DC-AE alone under the cap: default tiled decode and Runtime.decode at 4096
         del pipe, dit
         te.offload()
         free_all()
         latent = torch.randn(1, 32, 128, 128, generator=torch.Generator(device=DEV).manual_seed(0), device=DEV)
-        for name, fn in (("tiled", lambda: ae.decode_tiled(latent)), ("auto", lambda: decode(latent))):
+        for name, fn in (("tiled", lambda: ae.decode_tiled(latent)), ("auto", lambda: decode(ae, latent))):
             try:
                 r[f"dcae_{name}_extra_gib"] = extra_gib(fn)
                 r[f"dcae_{name}_ms"] = time_ms(fn, warmup=1, reps=3)
@@ -796,8 +800,8 @@ def row_cold(variant, px):
     disk-cache load, graph capture), then the second."""
     te = our_text_encoder()
     dit, ae = our_dit(variant), our_dcae()
-    pipe = P.SanaPipeline(dit, ae, te)
-    shift = P.defaults_for(dit.config, px, px)["shift"]
+    pipe = P.SanaPipeline(dit, ae, te, runtime=RUNTIME)
+    shift = defaults_for(dit.config, px, px)["shift"]
     call = lambda: pipe(PROMPT, width=px, height=px, steps=20, cfg=4.5, flow_shift=shift, seed=0)  # noqa: E731
     first = wall_s(call)[0]
     second = wall_s(call)[0]

@@ -30,7 +30,8 @@ def main():
     import bench as B
     from diffusers import SanaControlNetModel
     from sana_core.controlnet import ControlNet, Controls
-    T, graphs = B.T, B.cuda_graphs
+    T, rt = B.T, B.rt
+    runtime = rt.Runtime(cuda_graphs=True)
 
     if args.tiny:
         cfg = T.SanaConfig(depth=4, width=64, caption_dim=48, self_heads=2, cross_heads=2, mlp_hidden=160)
@@ -57,7 +58,7 @@ def main():
         return statistics.median(times)
 
     def graphed(fn, constants, key):
-        step = graphs.GraphedStep(fn, constants, module=dit, key=key, tokens=0, enabled=True)
+        step = runtime.graphed(fn, constants, module=dit, key=key, tokens=0)
         step(x, t)  # warm-up: the next call captures
         return step
 
@@ -71,7 +72,7 @@ def main():
                            2)
         control = Controls([net.prepare(hint, dit, caption, ctx, 1.0)])
         step = graphed(lambda x, t, c, k: dit(x, t, c, control=k), (caption, control),
-                       ("bench-controlnet", graph, graphs.fingerprint(net)))
+                       ("bench-controlnet", graph, rt.fingerprint(net)))
         eager = dit(x, t, caption, control=control)
         r[f"{graph}_graph_equals_eager"] = bool(torch.equal(step(x, t), eager))
         r[f"{graph}_mode"] = "cuda graph" if step.captured is not None else f"eager ({step.reason})"
@@ -100,7 +101,7 @@ def main():
             r["diffusers_controlnet_vs_plain"] = r["diffusers_controlnet_ms"] / r["plain_diffusers_ms"]
             del ref_cn
         del step, control, net
-        graphs.release()
+        runtime.release()
     B.log(r)
     print(f"\n1.6B-class DiT step at {px} px, batch 2 (CFG), {blocks}-block ControlNet, {r['dtype']}, {r['device']}")
     print("| | ours ms | ours / plain | ours mode | diffusers ms | diffusers / plain |\n|---|---|---|---|---|---|")

@@ -13,7 +13,7 @@ is measured against the untiled decode, before the [-1, 1] clamp:
   python3 bench/dcae_tiling.py --device cuda --size 4096 --dtype bf16 --tiles 1024,1536,2048 \\
       --overlaps 0,32,56 --timing --diffusers --cap-gib 16
 --timing: time and peak extra memory of decode / decode_tiled (public API, GPU); --diffusers: the same
-for diffusers' AutoencoderDC (untiled and its 512 px tiling); --cap-gib: decode_auto with the process
+for diffusers' AutoencoderDC (untiled and its 512 px tiling); --cap-gib: Runtime.decode with the process
 capped to that much GPU memory (torch.cuda.set_per_process_memory_fraction).
 """
 import argparse
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderDC
 
-from sana_core.autoencoder import DCAE, FULL_CONFIG, SCALING_FACTOR, _free_cuda_bytes, to_model_names
+from sana_core.autoencoder import DCAE, FULL_CONFIG, SCALING_FACTOR, to_model_names
+from sana_core.runtime import Runtime, decode_tile, free_bytes
 from sana_core.checkpoints import load_weights
 
 SANA_DIFFUSERS_CONFIG = dict(
@@ -168,11 +169,11 @@ def main():
         ref.to("cpu")
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory)
-        free = _free_cuda_bytes(device)
+        free = free_bytes(device)
         h = args.size // 32
         with torch.inference_mode():
-            sec, peak, out = timed(lambda: ours.decode_auto(z), device, 1)
-        print(f"\ncapped to {args.cap_gib} GiB: decode_auto picked tile={ours.auto_tile(1, h, h, free)}, "
+            sec, peak, out = timed(lambda: Runtime().decode(ours, z), device, 1)
+        print(f"\ncapped to {args.cap_gib} GiB: Runtime.decode picked tile={decode_tile(ours, 1, h, h, free)}, "
               f"{sec * 1000:.0f} ms, peak extra {peak / 2**30:.2f} GiB, output finite: {bool(torch.isfinite(out).all())}")
 
 

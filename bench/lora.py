@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 import bench as B
-from sana_core import cuda_graphs, lora as L, transformer as T
+from sana_core import lora as L, transformer as T
+from sana_core.runtime import Runtime
 from sana_core.demo import write_demo_lora
 
 
@@ -54,8 +55,8 @@ def main():
     x, t, ctx, mask = B.dit_inputs(cfg, px)  # CFG batch of 2
     x, ctx = x.to(dtype), ctx.to(dtype)
     caption = model.encode_caption(ctx, mask)
-    step = cuda_graphs.GraphedStep(lambda x, t, c: model(x, t, c), (caption,), module=model, key="bench-lora",
-                                   tokens=0, enabled=B.DEV.type == "cuda")
+    runtime = Runtime(cuda_graphs=B.DEV.type == "cuda")
+    step = runtime.graphed(lambda x, t, c: model(x, t, c), (caption,), module=model, key="bench-lora", tokens=0)
     step(x, t), step(x, t)  # warm-up, capture (on a GPU)
     rows, without, with_lora, read, merge, unload = {}, [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,12 +26,12 @@ def triton_cache_entries() -> int:
 
 def main():
     te, dit, ae = B.our_text_encoder(), B.our_dit("sana-1.6b"), B.our_dcae()
-    pipe = P.SanaPipeline(dit, ae, te)
+    pipe = P.SanaPipeline(dit, ae, te, runtime=B.RUNTIME)
 
     def phases(w, h, batch=1):
         call = lambda: pipe(B.PROMPT, width=w, height=h, steps=20, cfg=4.5, flow_shift=3.0, seed=0,  # noqa: E731
                             batch_size=batch)
-        return {k: round(v, 1) for k, v in B.phase_ms(call, te, ae).items()}
+        return {k: round(v, 1) for k, v in B.phase_ms(call, te).items()}
     phases(1024, 1024), phases(1024, 1024)
     print("steady 1024", phases(1024, 1024), flush=True)
     for w, h, batch in SIZES:
@@ -46,7 +46,7 @@ def main():
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         B.sync()
         t0 = time.perf_counter()
-        ae.decode_auto(latent)
+        B.RUNTIME.decode(ae, latent)
         B.sync()
     print(f"first decode of a 23x41 latent: {(time.perf_counter() - t0) * 1e3:.1f} ms")
     for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]:

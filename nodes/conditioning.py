@@ -33,7 +33,7 @@ class SanaTextEncode:
         h = host.current()
         encoder = text_encoder.ready()
         try:
-            emb, mask = encoder.encode([text], instruction=bool(instruction))
+            emb, mask = h.runtime.encode_text(encoder, [text], instruction=bool(instruction))
         finally:
             if text_encoder.offload_after_use:
                 text_encoder.release()

@@ -8,7 +8,8 @@ The node classes never import ComfyUI. They ask `current()` for a host, decided 
     LocalHost  model folders under one directory (ComfyUI's layout), the GPU if there is one,
                tqdm progress, models moved with .to().
 
-Both give the same small interface; the SANA_* socket types carry a `ManagedModel`.
+Both give the same small interface; the SANA_* socket types carry a `ManagedModel`. Each host holds the
+`Runtime` (sana_core.runtime: CUDA graphs, memory decisions) that the nodes pass to sana_core.
 """
 import importlib
 import logging
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sana_core import cuda_graphs as graphs
+from sana_core.runtime import Runtime
 
 log = logging.getLogger("sana_nodes")
 
@@ -108,11 +109,11 @@ def module_of(model) -> torch.nn.Module:
     return model if isinstance(model, torch.nn.Module) else model.on_device
 
 
-def _weights_moved(model) -> None:
-    """After a host moved a model's weights: drop state derived from their old place: the cached CUDA
-    graphs (they would be re-captured anyway, but hold device memory until then) and the model's own
+def _weights_moved(model, runtime) -> None:
+    """After a host moved a model's weights: drop state derived from their old place: the runtime's cached
+    CUDA graphs (they would be re-captured anyway, but hold device memory until then) and the model's own
     caches, if any."""
-    graphs.release()
+    runtime.release()
     hook = getattr(model, "clear_device_caches", None)
     if callable(hook):
         hook()
@@ -169,6 +170,7 @@ class LocalHost:
             torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
         self.output_dir, self.input_dir = Path(output_dir), Path(input_dir)
         self.previews, self.preview_size = False, 512  # a terminal shows no images
+        self.runtime = Runtime()
 
     def roots(self, kind: str) -> list[Path]:
         return [self.models_dir / f for folder in MODEL_FOLDERS[kind]
@@ -201,11 +203,11 @@ class LocalHost:
             first = next(iter(module.parameters()), None)
             if first is not None and first.device != m.load_device:
                 module.to(m.load_device)
-                _weights_moved(m.model)
+                _weights_moved(m.model, self.runtime)
 
     def unload(self, m: ManagedModel) -> None:
         module_of(m.model).to(m.offload_device)
-        _weights_moved(m.model)
+        _weights_moved(m.model, self.runtime)
 
     def intermediate_device(self) -> torch.device:
         return torch.device("cpu")
@@ -242,6 +244,7 @@ class ComfyHost:
         self.model_patcher = importlib.import_module("comfy.model_patcher")
         self.callbacks = importlib.import_module("comfy.patcher_extension").CallbacksMP
         self.utils = importlib.import_module("comfy.utils")
+        self.runtime = Runtime()
 
     def roots(self, kind: str) -> list[Path]:
         return [Path(p) for folder in MODEL_FOLDERS[kind] for p in self._folder_paths(folder)]
@@ -296,8 +299,8 @@ class ComfyHost:
         patcher = self.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
         # ComfyUI may evict and reload the weights between (or within) prompts: whatever was
         # derived from their old place (captured graphs, cached tensors) must go.
-        patcher.add_callback(CallbacksMP.ON_LOAD, lambda *_: _weights_moved(model))
-        patcher.add_callback(CallbacksMP.ON_DETACH, lambda *_: _weights_moved(model))
+        patcher.add_callback(CallbacksMP.ON_LOAD, lambda *_: _weights_moved(model, self.runtime))
+        patcher.add_callback(CallbacksMP.ON_DETACH, lambda *_: _weights_moved(model, self.runtime))
         return ManagedModel(self, kind, model, path, load_device=load_device, offload_device=offload_device,
                             patcher=patcher)
 
@@ -306,7 +309,7 @@ class ComfyHost:
         # load would leave layers on the CPU; ComfyUI evicts other models to make room instead.
         # The cached CUDA graphs' pool is reserved memory that ComfyUI counts as free (reserved minus
         # active) but only graph replays can use: ask for that much more.
-        held = graphs.held_bytes(models[0].load_device) if models else 0
+        held = self.runtime.held_bytes(models[0].load_device) if models else 0
         self.mm.load_models_gpu([m.patcher for m in models], memory_required=memory_required + held,
                                 force_full_load=True)
 

@@ -1,4 +1,4 @@
-"""SanaSampler: Flow-DPM-Solver / Flow Euler / Sprint sampling with CFG and PAG (sana_core.pipeline).
+"""SanaSampler: Flow-DPM-Solver / Flow Euler / Sprint sampling with CFG and PAG (sana_core.guidance).
 
 Noise is made as ComfyUI's KSampler makes it (on the CPU from the seed), every step updates
 ComfyUI's progress bar with a live preview (the DC-AE's linear latent-to-RGB projection) and checks
@@ -8,7 +8,8 @@ ui {"sana_stats": [{"seconds_per_step", "total_seconds", "peak_gpu_memory_gib", 
 import time
 
 import torch
-from sana_core.pipeline import defaults_for, sample_latents
+from sana_core.guidance import sample_latents
+from sana_core.presets import defaults_for
 from sana_core.samplers import SAMPLERS
 
 from . import host
@@ -177,7 +178,7 @@ class SanaSampler:
             result = sample_latents(dit, noise, cond, cond_mask, uncond, uncond_mask, sampler=sampler, steps=steps,
                                     cfg=cfg, pag_scale=pag_scale, pag_layers=defaults["pag_layers"], shift=shift,
                                     denoise=denoise, latent=samples if denoise < 1.0 else None, seed=seed,
-                                    callback=callback)
+                                    callback=callback, runtime=h.runtime)
         finally:
             noise = None
             h.free_cache()

@@ -48,7 +48,7 @@ class SanaVAEDecode:
     def decode(self, samples, vae):
         ae, latent = _decode_input(vae, samples, "SanaVAEDecode")
         with torch.inference_mode():
-            pixels = ae.decode_auto(latent)
+            pixels = host.current().runtime.decode(ae, latent)
         return (to_image(pixels, "SanaVAEDecode"),)
 
 

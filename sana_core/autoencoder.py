@@ -13,8 +13,8 @@ Memory: every block keeps its temporaries under WORK_BYTES by running on bands o
 exact, with the rows of context they need) or on groups of heads (attention: heads are independent).
 Layout: stages 0-2 and the head (most of the work, at up to full resolution) run channels-last, the
 layout cuDNN computes convolutions in (NCHW would be transposed around every convolution); stages 3-5
-stay NCHW for the attention and depthwise kernels. On a GPU, decodes up to GRAPH_LATENT_PIXELS (1024 px
-images) replay as one CUDA graph: there the decode is bound by kernel launches.
+stay NCHW for the attention and depthwise kernels. (Choosing tiles by free memory and replaying small
+decodes from a CUDA graph is the caller's: sana_core.runtime.Runtime.decode.)
 Tiling: only stages 3-5 mix information globally (linear attention), and they run at 1/8 of the
 output size, so `decode_tiled` runs them on the whole latent and tiles only the purely convolutional
 stages 0-2 + output head, each tile reading `overlap` pixels of context around it. With the default
@@ -27,7 +27,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import cuda_graphs as graphs
 from .kernels import channel_rms_norm, dcae_linear_attention, depthwise_conv_glu  # Triton on CUDA, else twins
 from .checkpoints import (CheckpointError, default_device, default_dtype, describe, guess_component,
                           load_weights, read_checkpoint, strip_prefix)
@@ -35,8 +34,7 @@ from .checkpoints import (CheckpointError, default_device, default_dtype, descri
 SCALING_FACTOR = 0.41407  # latent = encode(image) * 0.41407 (no shift)
 WORK_BYTES = 1 << 30      # temporaries of one block stay under this (bands of rows / groups of heads)
 DEFAULT_TILE = 1024       # decode_tiled: tile side in output pixels (bench/dcae_tiling.py)
-MEMORY_MARGIN = 1.25      # decode_auto: safety factor on the activation estimate (cuDNN workspaces)
-GRAPH_LATENT_PIXELS = 1024  # decode replays a CUDA graph up to this many latent pixels (batch x h x w)
+MEMORY_MARGIN = 1.25      # activation_bytes: safety factor on the activation estimate (cuDNN workspaces)
 
 
 @dataclass(frozen=True)
@@ -106,14 +104,6 @@ def banded(fn, x: torch.Tensor, *, halo: int, row_bytes: int, scale: int = 1) ->
         out[:, :, r0 * scale:r1 * scale] = y[:, :, (r0 - a) * scale:(r1 - a) * scale]
         del y
     return out
-
-
-def _free_cuda_bytes(device) -> int:
-    """What this process can still allocate on a CUDA device: free memory plus the allocator's cached
-    blocks, within a torch.cuda.set_per_process_memory_fraction cap."""
-    free, total = torch.cuda.mem_get_info(device)
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
-    return min(free + torch.cuda.memory_reserved(device), int(fraction * total)) - torch.cuda.memory_allocated(device)
 
 
 def _split(length: int, tile: int) -> list:
@@ -414,13 +404,10 @@ class DCAE(nn.Module):
         return latent.float().mul_(self.scaling_factor)
 
     @torch.inference_mode()
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Scaled latent (B, 32, h, w) -> images (B, 3, 32h, 32w) in [-1, 1], untiled."""
-        z = self._unscale(latent)
-        B, _, h, w = z.shape
-        decoder = graphs.GraphedStep(self.decoder, (), module=self.decoder, key=("decode",), tokens=B * h * w,
-                                     max_tokens=GRAPH_LATENT_PIXELS)
-        return _finish(decoder(z))
+    def decode(self, latent: torch.Tensor, *, decoder=None) -> torch.Tensor:
+        """Scaled latent (B, 32, h, w) -> images (B, 3, 32h, 32w) in [-1, 1], untiled. decoder: what runs
+        self.decoder on the unscaled latent (a Runtime passes a CUDA-graphed one); None: self.decoder."""
+        return _finish((decoder or self.decoder)(self._unscale(latent)))
 
     @torch.inference_mode()
     def decode_tiled(self, latent: torch.Tensor, tile: int = None, overlap: int = None) -> torch.Tensor:
@@ -430,28 +417,6 @@ class DCAE(nn.Module):
         leaves small differences near tile borders)."""
         x = self.decoder.global_stages(self._unscale(latent))
         return _finish(self._local_tiled(x, tile, overlap))
-
-    def decode_auto(self, latent: torch.Tensor) -> torch.Tensor:
-        """decode when its estimated activations fit in free device memory, else decode_tiled with the
-        biggest tile that fits (one sample at a time when the batch does not fit). CPU: untiled."""
-        if self.device.type != "cuda":
-            return self.decode(latent)
-        B, _, h, w = latent.shape
-        free = _free_cuda_bytes(self.device)
-        if B > 1 and self.activation_bytes(B, h, w) > free:
-            return torch.cat([self.decode_auto(latent[i:i + 1]) for i in range(B)])
-        tile = self.auto_tile(B, h, w, free)
-        return self.decode(latent) if tile is None else self.decode_tiled(latent, tile=tile)
-
-    def auto_tile(self, batch: int, h: int, w: int, free_bytes: int):
-        """None when decode of a (batch, 32, h, w) latent fits in free_bytes, else the biggest tile
-        (pixels) with which decode_tiled fits (the smallest one tried when none does)."""
-        if self.activation_bytes(batch, h, w) <= free_bytes:
-            return None
-        side = max(h, w) * self.spatial_compression
-        tiles = [t for t in (2048, 1536, 1024, 768, 512, 384, 256) if t < side]
-        fits = [t for t in tiles if self.activation_bytes(batch, h, w, tile=t) <= free_bytes]
-        return fits[0] if fits else (tiles[-1] if tiles else None)
 
     def activation_bytes(self, batch: int, h: int, w: int, *, tile: int = None) -> int:
         """Estimated peak device memory (bytes, beyond the weights) of decode (tile None) or

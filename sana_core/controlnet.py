@@ -126,7 +126,7 @@ class ControlNet(nn.Module):
             c, first, t0 = x0.to(self.dtype) + control.hint, 0, t0.to(self.dtype)
         else:
             c, first = self.embed(x) + control.hint, 1
-            t0 = self.t_block(self.t_embedder(timestep))  # (B, 6C)
+            t0 = self.t_block(self.t_embedder(timestep, self.dtype))  # (B, 6C)
         out = {}
         strength = control.strength.to(c.dtype)
         for j, (block, kv, proj) in enumerate(zip(self.blocks, control.kv, self.after_proj)):

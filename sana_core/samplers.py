@@ -3,7 +3,7 @@
 Flow matching: x_t = (1 - t) x0 + t noise, the DiT predicts the velocity v = noise - x0, so
 x0 = x_t - t v. Every sampler here drives one `velocity_fn(x, t)`: x is the float32 latent
 (B, 32, h, w), t the flow time in [0, 1] per sample (B,); it returns the (guided) velocity.
-Guidance batching lives in the function the pipeline builds (pipeline.sample_latents).
+Guidance batching lives in the function the pipeline builds (guidance.sample_latents).
 
 - flow_dpm_solver: DPM-Solver++ (data prediction, multistep, order 2, first order on the first
   and the last step) on alpha_t = 1 - t, sigma_t = t, on the shifted grid

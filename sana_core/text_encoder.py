@@ -24,14 +24,12 @@ from pathlib import Path
 
 import torch
 
-from . import cuda_graphs as graphs
 from .checkpoints import (CheckpointError, default_device, default_dtype, describe, guess_component, load_weights,
                           read_checkpoint)
 
 log = logging.getLogger(__name__)
 
 MAX_TOKENS = 300  # caption length the SANA DiT was trained with
-GRAPH_MAX_TOKENS = 8192  # prompt tokens per call (batch x length) up to which Gemma runs as a CUDA graph
 
 _CHI_BODY = (
     "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial "
@@ -83,7 +81,7 @@ class TextEncoder:
     The token-embedding table (1.10 GiB of Gemma-2-2B's 4.87 in bf16) stays on the CPU: looking up a
     few hundred ids needs no GPU, and the layers get the looked-up vectors (`inputs_embeds`, scaled
     inside Gemma as usual). `on_device` is the rest, what moves to the GPU (and what a memory manager
-    moves). On a GPU the layers run as one CUDA graph per prompt length and batch."""
+    moves). `layers` is the part a Runtime replays as a CUDA graph (Runtime.encode_text)."""
 
     def __init__(self, model, tokenizer):
         self.model = model          # transformers Gemma2Model, eval mode, no grad
@@ -110,7 +108,7 @@ class TextEncoder:
         """Move the weights to the CPU (frees ~4 GB of GPU memory for sampling)."""
         return self.to("cpu")
 
-    def _layers(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def layers(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Gemma's layers and final norm: (B, L, D) embeddings, (B, L) mask -> last hidden state.
 
         The additive (B, 1, L, L) mask transformers would build (causal, padded keys at the dtype's minimum)
@@ -125,12 +123,13 @@ class TextEncoder:
         return self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
 
     @torch.no_grad()
-    def encode(self, prompts, *, instruction=True, lowercase=False) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, prompts, *, instruction=True, lowercase=False, layers=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions of `prompts` (a string or a list): (embeddings (B, 300, D), mask (B, 300): 1 real, 0 pad).
 
         `instruction`: True for the default CHI (`DEFAULT_INSTRUCTION`), False for none (negative
         prompts), a name in `INSTRUCTIONS`, or any other text used as the instruction itself.
         Prompts are stripped; `lowercase=True` also lowercases them, as diffusers does by default.
+        `layers`: what runs self.layers (a Runtime passes a CUDA-graphed one); None: self.layers.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         prompts = [p.lower().strip() if lowercase else p.strip() for p in prompts]
@@ -150,9 +149,7 @@ class TextEncoder:
         table, device = self.model.embed_tokens, self.device
         embeds = table(tokens.input_ids.to(table.weight.device)).to(device)  # (B, L, D)
         mask = tokens.attention_mask.to(device)  # (B, L)
-        layers = graphs.GraphedStep(self._layers, (), module=self.on_device, key=("gemma",), tokens=mask.numel(),
-                                    max_tokens=GRAPH_MAX_TOKENS)
-        hidden = layers(embeds, mask)  # (B, L, D)
+        hidden = (layers or self.layers)(embeds, mask)  # (B, L, D)
         if chi:
             keep = [0] + list(range(max_length - MAX_TOKENS + 1, max_length))  # <bos> + last 299
             hidden, mask = hidden[:, keep], mask[:, keep]  # (B, 300, D), (B, 300)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .checkpoints import (CheckpointError, default_device, default_dtype, describe, guess_component,
                           load_weights, read_checkpoint, strip_prefix)
 from .kernels import adaln, depthwise_conv_glu, gated_residual_adaln, linear_attention  # Triton on CUDA, else twins
+from .operations import cast_like, reads_weights_directly
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return normed * cast_like(self.weight, normed)
 
 
 def timestep_embedding(t, dim=TIMESTEP_FREQ_DIM, max_period=10000.0):
@@ -103,23 +105,23 @@ def timestep_embedding(t, dim=TIMESTEP_FREQ_DIM, max_period=10000.0):
 class TimestepEmbedder(nn.Module):
     """Sinusoids of a scalar, then MLP 256 -> C -> C with SiLU (`t_embedder`, `cfg_embedder`)."""
 
-    def __init__(self, width, *, dtype=None, device=None):
+    def __init__(self, width, *, dtype=None, device=None, ops=nn):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(TIMESTEP_FREQ_DIM, width, dtype=dtype, device=device), nn.SiLU(),
-                                 nn.Linear(width, width, dtype=dtype, device=device))
+        self.mlp = nn.Sequential(ops.Linear(TIMESTEP_FREQ_DIM, width, dtype=dtype, device=device), nn.SiLU(),
+                                 ops.Linear(width, width, dtype=dtype, device=device))
 
-    def forward(self, t):  # (B,) -> (B, C)
-        return self.mlp(timestep_embedding(t).to(self.mlp[0].weight.dtype))
+    def forward(self, t, dtype):  # (B,) -> (B, C) in dtype
+        return self.mlp(timestep_embedding(t).to(dtype))
 
 
 class CaptionEmbedder(nn.Module):
     """Gemma hidden states -> model width: `y_proj` MLP with tanh-GELU."""
 
-    def __init__(self, caption_dim, width, *, dtype=None, device=None):
+    def __init__(self, caption_dim, width, *, dtype=None, device=None, ops=nn):
         super().__init__()
         self.y_proj = nn.Module()
-        self.y_proj.fc1 = nn.Linear(caption_dim, width, dtype=dtype, device=device)
-        self.y_proj.fc2 = nn.Linear(width, width, dtype=dtype, device=device)
+        self.y_proj.fc1 = ops.Linear(caption_dim, width, dtype=dtype, device=device)
+        self.y_proj.fc2 = ops.Linear(width, width, dtype=dtype, device=device)
 
     def forward(self, y):  # (B, T, Cc) -> (B, T, C)
         return self.y_proj.fc2(F.gelu(self.y_proj.fc1(y), approximate="tanh"))
@@ -144,11 +146,11 @@ def sincos_pos_embed(width, h, w, pe_interpolation, base_size) -> torch.Tensor:
 class LinearAttention(nn.Module):
     """Self-attention of a block (`attn`): fused bias-free qkv, ReLU linear attention, proj."""
 
-    def __init__(self, width, heads, qk_norm, *, dtype=None, device=None):
+    def __init__(self, width, heads, qk_norm, *, dtype=None, device=None, ops=nn):
         super().__init__()
         self.head_dim = width // heads
-        self.qkv = nn.Linear(width, 3 * width, bias=False, dtype=dtype, device=device)
-        self.proj = nn.Linear(width, width, dtype=dtype, device=device)
+        self.qkv = ops.Linear(width, 3 * width, bias=False, dtype=dtype, device=device)
+        self.proj = ops.Linear(width, width, dtype=dtype, device=device)
         self.q_norm = RMSNorm(width, dtype=dtype, device=device) if qk_norm else None
         self.k_norm = RMSNorm(width, dtype=dtype, device=device) if qk_norm else None
 
@@ -166,12 +168,12 @@ class LinearAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Image tokens attend to the caption (`cross_attn`): softmax attention, padding masked."""
 
-    def __init__(self, width, heads, qk_norm, *, dtype=None, device=None):
+    def __init__(self, width, heads, qk_norm, *, dtype=None, device=None, ops=nn):
         super().__init__()
         self.heads = heads
-        self.q_linear = nn.Linear(width, width, dtype=dtype, device=device)
-        self.kv_linear = nn.Linear(width, 2 * width, dtype=dtype, device=device)
-        self.proj = nn.Linear(width, width, dtype=dtype, device=device)
+        self.q_linear = ops.Linear(width, width, dtype=dtype, device=device)
+        self.kv_linear = ops.Linear(width, 2 * width, dtype=dtype, device=device)
+        self.proj = ops.Linear(width, width, dtype=dtype, device=device)
         self.q_norm = RMSNorm(width, dtype=dtype, device=device) if qk_norm else None
         self.k_norm = RMSNorm(width, dtype=dtype, device=device) if qk_norm else None
 
@@ -224,46 +226,55 @@ def block_output(x, residual):
 class ConvLayer(nn.Module):
     """Holds a conv under the original name (`mlp.inverted_conv.conv.weight`, ...)."""
 
-    def __init__(self, c_in, c_out, kernel, *, groups=1, bias=True, dtype=None, device=None):
+    def __init__(self, c_in, c_out, kernel, *, groups=1, bias=True, dtype=None, device=None, ops=nn):
         super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, groups=groups, bias=bias,
-                              dtype=dtype, device=device)
+        self.conv = ops.Conv2d(c_in, c_out, kernel, padding=kernel // 2, groups=groups, bias=bias,
+                               dtype=dtype, device=device)
 
 
 class MixFFN(nn.Module):
     """GLUMBConv: 1x1 conv C -> 2H + SiLU, 3x3 depthwise conv, value * SiLU(gate), 1x1 conv H -> C.
-    The 1x1 convs run as matmuls on the (B, N, C) tokens."""
+    The 1x1 convs run as matmuls on the (B, N, C) tokens, the depthwise conv + GLU as one kernel, reading the
+    layers' weights; layers that take their weights through ComfyUI's cast path are called instead."""
 
-    def __init__(self, width, hidden, *, dtype=None, device=None):
+    def __init__(self, width, hidden, *, dtype=None, device=None, ops=nn):
         super().__init__()
-        self.inverted_conv = ConvLayer(width, 2 * hidden, 1, dtype=dtype, device=device)
-        self.depth_conv = ConvLayer(2 * hidden, 2 * hidden, 3, groups=2 * hidden, dtype=dtype, device=device)
-        self.point_conv = ConvLayer(hidden, width, 1, bias=False, dtype=dtype, device=device)
+        kw = dict(dtype=dtype, device=device, ops=ops)
+        self.inverted_conv = ConvLayer(width, 2 * hidden, 1, **kw)
+        self.depth_conv = ConvLayer(2 * hidden, 2 * hidden, 3, groups=2 * hidden, **kw)
+        self.point_conv = ConvLayer(hidden, width, 1, bias=False, **kw)
 
     def forward(self, x, h, w):  # (B, N, C)
-        inv, depth = self.inverted_conv.conv, self.depth_conv.conv
+        inv, depth, point = self.inverted_conv.conv, self.depth_conv.conv, self.point_conv.conv
+        if not all(map(reads_weights_directly, (inv, depth, point))):
+            return self._through_layers(x, h, w)
         x = F.silu(F.linear(x, inv.weight.flatten(1), inv.bias), inplace=True)  # (B, N, 2H)
         x = depthwise_conv_glu(x, depth.weight, depth.bias, h, w)  # (B, N, H)
-        return F.linear(x, self.point_conv.conv.weight.flatten(1))  # (B, N, C)
+        return F.linear(x, point.weight.flatten(1))  # (B, N, C)
+
+    def _through_layers(self, x, h, w):  # the same function, each conv called as a layer on the (B, C, h, w) grid
+        x = F.silu(self.inverted_conv.conv(x.transpose(1, 2).unflatten(2, (h, w))))  # (B, 2H, h, w)
+        x, gate = self.depth_conv.conv(x).chunk(2, dim=1)  # (B, H, h, w) each
+        return self.point_conv.conv(x * F.silu(gate)).flatten(2).transpose(1, 2)  # (B, N, C)
 
 
 class Block(nn.Module):
     """adaLN-single block: modulated linear self-attention, cross-attention, modulated Mix-FFN."""
 
-    def __init__(self, cfg: SanaConfig, *, dtype=None, device=None):
+    def __init__(self, cfg: SanaConfig, *, dtype=None, device=None, ops=nn):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
         self.scale_shift_table = nn.Parameter(torch.zeros(6, cfg.width, **kw))
-        self.attn = LinearAttention(cfg.width, cfg.self_heads, cfg.qk_norm, **kw)
-        self.cross_attn = CrossAttention(cfg.width, cfg.cross_heads, cfg.qk_norm, **kw)
-        self.mlp = MixFFN(cfg.width, cfg.mlp_hidden, **kw)
+        self.attn = LinearAttention(cfg.width, cfg.self_heads, cfg.qk_norm, **kw, ops=ops)
+        self.cross_attn = CrossAttention(cfg.width, cfg.cross_heads, cfg.qk_norm, **kw, ops=ops)
+        self.mlp = MixFFN(cfg.width, cfg.mlp_hidden, **kw, ops=ops)
 
     def forward(self, x, residual, kv, keep, t0, h, w, perturbed=None):
         """x (B, N, C) residual stream; residual: (gate, y) the previous block's gated Mix-FFN output, still
         to be added to x (fused with this block's first adaLN), or None; kv, keep: this block's caption
         side; t0 (B, 6C). Returns (x, (gate_mlp, mix_ffn_out)): the last residual is left to the caller."""
         B, N, C = x.shape
-        mod = self.scale_shift_table[None] + t0.reshape(B, 6, C)  # (B, 6, C)
+        mod = cast_like(self.scale_shift_table, t0)[None] + t0.reshape(B, 6, C)  # (B, 6, C)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # (B, 1, C) each
         x, normed = residual_adaln(x, residual, shift_msa, scale_msa)
         x = torch.addcmul(x, gate_msa, self.attn(normed, perturbed))  # x + gate_msa * attn
@@ -272,35 +283,42 @@ class Block(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, width, out_channels, *, dtype=None, device=None):
+    def __init__(self, width, out_channels, *, dtype=None, device=None, ops=nn):
         super().__init__()
         self.scale_shift_table = nn.Parameter(torch.zeros(2, width, dtype=dtype, device=device))
-        self.linear = nn.Linear(width, out_channels, dtype=dtype, device=device)
+        self.linear = ops.Linear(width, out_channels, dtype=dtype, device=device)
 
     def forward(self, x, residual, t):  # x (B, N, C) + the last block's residual, t (B, C): timestep embedding
-        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # (B, 1, C) each
+        shift, scale = (cast_like(self.scale_shift_table, t)[None] + t[:, None]).chunk(2, dim=1)  # (B, 1, C) each
         return self.linear(residual_adaln(x, residual, shift, scale)[1])  # (B, N, out)
 
 
 class SanaTransformer(nn.Module):
-    def __init__(self, config: SanaConfig, *, dtype=None, device=None):
+    """The DiT. dtype, device: of the weights as built. operations: where the Linear and Conv2d layers come
+    from (ComfyUI's comfy.ops classes; None: torch.nn; see sana_core.operations). compute_dtype: the dtype
+    activations run in when it differs from the weights' (manual cast: weights stored in fp8 or fp16,
+    computed in bf16); None: the weights' dtype."""
+
+    def __init__(self, config: SanaConfig, *, dtype=None, device=None, operations=None, compute_dtype=None):
         super().__init__()
-        cfg, kw = config, dict(dtype=dtype, device=device)
+        cfg, kw, ops = config, dict(dtype=dtype, device=device), operations or nn
         self.config = cfg
+        self.compute_dtype = compute_dtype
         self.x_embedder = nn.Module()
-        self.x_embedder.proj = nn.Conv2d(cfg.in_channels, cfg.width, 1, **kw)
-        self.t_embedder = TimestepEmbedder(cfg.width, **kw)
-        self.cfg_embedder = TimestepEmbedder(cfg.width, **kw) if cfg.sprint else None
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width, **kw))
-        self.y_embedder = CaptionEmbedder(cfg.caption_dim, cfg.width, **kw)
+        self.x_embedder.proj = ops.Conv2d(cfg.in_channels, cfg.width, 1, **kw)
+        self.t_embedder = TimestepEmbedder(cfg.width, **kw, ops=ops)
+        self.cfg_embedder = TimestepEmbedder(cfg.width, **kw, ops=ops) if cfg.sprint else None
+        self.t_block = nn.Sequential(nn.SiLU(), ops.Linear(cfg.width, 6 * cfg.width, **kw))
+        self.y_embedder = CaptionEmbedder(cfg.caption_dim, cfg.width, **kw, ops=ops)
         self.attention_y_norm = RMSNorm(cfg.width, **kw)
-        self.blocks = nn.ModuleList([Block(cfg, **kw) for _ in range(cfg.depth)])
-        self.final_layer = FinalLayer(cfg.width, cfg.out_channels, **kw)
+        self.blocks = nn.ModuleList([Block(cfg, **kw, ops=ops) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(cfg.width, cfg.out_channels, **kw, ops=ops)
         self._pos_embed = None  # (h, w, device, dtype, tensor): a cache, not a buffer (meta-built models)
 
     @property
     def dtype(self):
-        return self.x_embedder.proj.weight.dtype
+        """The dtype activations run in."""
+        return self.compute_dtype or self.x_embedder.proj.weight.dtype
 
     @property
     def device(self):
@@ -319,17 +337,18 @@ class SanaTransformer(nn.Module):
         on the old device. (Captured CUDA graphs notice moved weights themselves.)"""
         self._pos_embed = None
 
-    def encode_caption(self, context, context_mask=None) -> Caption:
+    def encode_caption(self, context, context_mask=None, *, device=None) -> Caption:
         """The caption side of every cross-attention (caption embedder, norm, each block's k/v): the same
         at every sampling step, so samplers compute it once and pass the Caption as `context`.
-        context (B, T, caption_dim) Gemma hidden states; context_mask (B, T) 1 real / 0 padding or None."""
+        context (B, T, caption_dim) Gemma hidden states; context_mask (B, T) 1 real / 0 padding or None;
+        device: where to compute (None: the weights' device; a partially loaded model's is its load device)."""
         cfg = self.config
         if context.ndim != 3 or context.shape[2] != cfg.caption_dim:
             raise ValueError(f"context has shape {list(context.shape)}; this model expects [B, T, {cfg.caption_dim}] "
                              f"(text-encoder hidden states of width {cfg.caption_dim})")
         if context_mask is not None and tuple(context_mask.shape) != tuple(context.shape[:2]):
             raise ValueError(f"context_mask has shape {list(context_mask.shape)}; expected {list(context.shape[:2])}")
-        y = self.attention_y_norm(self.y_embedder(context.to(device=self.device, dtype=self.dtype)))  # (B, T, C)
+        y = self.attention_y_norm(self.y_embedder(context.to(device=device or self.device, dtype=self.dtype)))
         keep = None
         if context_mask is not None:
             keep = context_mask.to(y.device).bool()
@@ -350,7 +369,8 @@ class SanaTransformer(nn.Module):
         timestep = torch.as_tensor(timestep, device=x.device)
         guidance = None if guidance is None else torch.as_tensor(guidance, device=x.device)
         B, h, w = self._check_inputs(x, timestep, context, context_mask, guidance, perturbed, perturbed_layers)
-        caption = context if isinstance(context, Caption) else self.encode_caption(context, context_mask)
+        caption = context if isinstance(context, Caption) else self.encode_caption(context, context_mask,
+                                                                                   device=x.device)
         dtype, out_dtype = self.dtype, x.dtype
         timestep = timestep.reshape(-1).expand(B)
 
@@ -358,10 +378,10 @@ class SanaTransformer(nn.Module):
         if cfg.pe_interpolation is not None:
             tokens = (tokens.float() + self.pos_embed(h, w, tokens.device, torch.float32)).to(dtype)
         if cfg.sprint:
-            t = self.t_embedder(timestep / SPRINT_TIMESTEP_SCALE)  # (B, C)
-            t = t + self.cfg_embedder(guidance.reshape(-1).expand(B) * GUIDANCE_EMBED_SCALE)
+            t = self.t_embedder(timestep / SPRINT_TIMESTEP_SCALE, dtype)  # (B, C)
+            t = t + self.cfg_embedder(guidance.reshape(-1).expand(B) * GUIDANCE_EMBED_SCALE, dtype)
         else:
-            t = self.t_embedder(timestep)  # (B, C)
+            t = self.t_embedder(timestep, dtype)  # (B, C)
         t0 = self.t_block(t)  # (B, 6C)
 
         perturbed_layers = set(perturbed_layers) if perturbed is not None else ()

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from conftest import rel_err
 import sana_core.autoencoder as ae
 from sana_core import CheckpointError, load_autoencoder
+from sana_core.runtime import Runtime, decode_tile
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -207,15 +208,15 @@ def test_tiled_decode_equals_untiled(files):
     no_context = model.decode_tiled(latent, tile=48, overlap=0)
     assert rel_err(no_context, untiled) > 1e-2
     assert rel_err(model.decode_tiled(latent, tile=48, overlap=24), untiled) < rel_err(no_context, untiled) / 10
-    assert torch.equal(model.decode_auto(latent), untiled)  # on the CPU: untiled
+    assert torch.equal(Runtime().decode(model, latent), untiled)  # on the CPU: untiled
 
 
-def test_auto_tile_picks_untiled_when_it_fits_else_the_biggest_tile_that_fits():
+def test_decode_tile_picks_untiled_when_it_fits_else_the_biggest_tile_that_fits():
     model = ae.DCAE(ae.FULL_CONFIG, dtype=torch.bfloat16, device="meta")
     gib = 1 << 30
-    assert model.auto_tile(1, 32, 32, 16 * gib) is None  # 1024 px
-    assert model.auto_tile(1, 128, 128, 40 * gib) is None  # 4096 px on a big card
-    tiles = [model.auto_tile(1, 128, 128, f * gib) for f in (10, 6, 4, 1)]
+    assert decode_tile(model, 1, 32, 32, 16 * gib) is None  # 1024 px
+    assert decode_tile(model, 1, 128, 128, 40 * gib) is None  # 4096 px on a big card
+    tiles = [decode_tile(model, 1, 128, 128, f * gib) for f in (10, 6, 4, 1)]
     assert all(t is not None for t in tiles) and tiles == sorted(tiles, reverse=True)
     assert model.activation_bytes(1, 128, 128, tile=ae.DEFAULT_TILE) <= 4 * gib  # the 4K design target
 

@@ -19,9 +19,10 @@ from safetensors.torch import save_file
 from conftest import rel_err
 from PIL import Image
 
-from sana_core import CheckpointError, cuda_graphs as cg
+from sana_core import CheckpointError
 from sana_core.controlnet import ControlNet, Controls, load_controlnet
-from sana_core.pipeline import SanaPipeline, sample_latents
+from sana_core.guidance import sample_latents
+from sana_core.pipeline import SanaPipeline
 from sana_core.transformer import SanaConfig, SanaTransformer, config_metadata, load_transformer, random_state_dict
 
 diffusers = pytest.importorskip("diffusers")
@@ -349,11 +350,9 @@ def test_controlled_step_never_waits_for_the_host(graph):
     assert not syncs.found
 
 
-def test_controlled_sampling_through_the_graph_path_equals_eager(standin, monkeypatch):  # noqa: F811
+def test_controlled_sampling_through_the_graph_path_equals_eager(standin):  # noqa: F811
     """The captured step reads the hint and strength as constants: another hint or strength replays the same
     graph with the eager result; another ControlNet (other weights) is captured anew."""
-    monkeypatch.setattr(cg, "CACHE", standin)
-    monkeypatch.setattr(cg.GraphedStep, "_why_eager", lambda self, inputs: "" if self.enabled else "off")
     base, net = tiny_pair("official")
     g = torch.Generator().manual_seed(0)
     noise, hints = torch.randn(1, 32, 3, 2, generator=g), torch.randn(2, 1, 32, 3, 2, generator=g)
@@ -362,11 +361,11 @@ def test_controlled_sampling_through_the_graph_path_equals_eager(standin, monkey
     kw = dict(sampler="flow_dpm_solver", steps=3, shift=3.0, cfg=4.5)
     for hint, strength in [(hints[0], 1.0), (hints[1], 0.5)]:
         controls = [(net, hint, strength)]
-        eager = sample_latents(base, noise, cond, mask, uncond, mask, **kw, controls=controls, cuda_graphs=False)
-        graphed = sample_latents(base, noise, cond, mask, uncond, mask, **kw, controls=controls)
+        eager = sample_latents(base, noise, cond, mask, uncond, mask, **kw, controls=controls)
+        graphed = sample_latents(base, noise, cond, mask, uncond, mask, **kw, controls=controls, runtime=standin)
         assert len(StandIn.made) == 1 and torch.equal(graphed, eager)
-    plain = sample_latents(base, noise, cond, mask, uncond, mask, **kw, cuda_graphs=False)
+    plain = sample_latents(base, noise, cond, mask, uncond, mask, **kw)
     assert rel_err(plain, eager) > 1e-3
     other = randomize(ControlNet(net.config, "official"), 5)
-    sample_latents(base, noise, cond, mask, uncond, mask, **kw, controls=[(other, hints[0], 1.0)])
+    sample_latents(base, noise, cond, mask, uncond, mask, **kw, controls=[(other, hints[0], 1.0)], runtime=standin)
     assert len(StandIn.made) == 2

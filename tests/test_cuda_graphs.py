@@ -1,4 +1,4 @@
-"""sana_core.cuda_graphs without a GPU: when a step runs eagerly, how graphs are keyed, reused,
+"""sana_core.runtime's CUDA graphs without a GPU: when a step runs eagerly, how graphs are keyed, reused,
 invalidated when the weights move or change dtype, and bounded. The capture itself is replaced by a
 stand-in that records what it was given and "replays" by calling the function on its static buffers;
 the real capture is checked on the GPU by bench/bench.py --rows smoke."""
@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sana_core import cuda_graphs as cg
+from sana_core import runtime as cg
 from sana_core.autoencoder import load_autoencoder
 from sana_core.demo import write_demo_autoencoder, write_demo_text_encoder
 from sana_core.text_encoder import load_text_encoder
-from sana_core.pipeline import sample_latents
+from sana_core.guidance import sample_latents
 from sana_core.transformer import SanaConfig, SanaTransformer, random_state_dict
 
 
@@ -35,14 +35,16 @@ class StandIn(cg.CapturedCall):
         return self.fn(*self.inputs, *self.constants)
 
 
+class StandInRuntime(cg.Runtime):
+    capture = StandIn
+
+
 @pytest.fixture
 def standin(monkeypatch):
-    """Capture allowed on the CPU, with the stand-in; a private cache."""
+    """A runtime that captures on the CPU, with the stand-in, keeping 2 graphs."""
     StandIn.made = []
-    monkeypatch.setattr(cg, "BROKEN", "")  # restored after the test, whatever a failed capture set
-    monkeypatch.setattr(cg, "CapturedCall", StandIn)
     monkeypatch.setattr(cg.GraphedStep, "_why_eager", lambda self, inputs: "")
-    return cg.GraphCache(max_graphs=2)
+    return StandInRuntime(max_graphs=2)
 
 
 def model_and_fn():
@@ -71,7 +73,7 @@ def test_fingerprint_follows_moves_casts_and_swaps_not_in_place_updates():
 
 def test_calls_above_max_tokens_run_eagerly():
     lin, fn, _ = model_and_fn()
-    step = cg.GraphedStep(fn, (torch.tensor(1.0),), module=lin, key="k", tokens=9, max_tokens=8)
+    step = cg.Runtime().graphed(fn, (torch.tensor(1.0),), module=lin, key="k", tokens=9, max_tokens=8)
     step(torch.randn(2, 4))
     assert step.reason.startswith("9 tokens per call > 8")
 
@@ -79,15 +81,15 @@ def test_calls_above_max_tokens_run_eagerly():
 def test_cpu_and_switch_off_run_eagerly_with_a_reason(monkeypatch):
     lin, fn, calls = model_and_fn()
     x, scale = torch.randn(2, 4), torch.tensor(3.0)
-    step = cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8)
+    step = cg.Runtime().graphed(fn, (scale,), module=lin, key="k", tokens=8)
     assert torch.equal(step(x), fn(x, scale)) and "cuda" in step.reason.lower()
     monkeypatch.setenv(cg.ENV, "0")
-    off = cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8)
+    off = cg.Runtime().graphed(fn, (scale,), module=lin, key="k", tokens=8)
     off(x)
     assert "off" in off.reason and off.fingerprint is None  # no fingerprint work when switched off
     monkeypatch.setenv(cg.ENV, "1")
-    assert cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8).enabled
-    off = cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8, enabled=False)  # the argument wins
+    assert cg.Runtime().graphed(fn, (scale,), module=lin, key="k", tokens=8).enabled
+    off = cg.Runtime(cuda_graphs=False).graphed(fn, (scale,), module=lin, key="k", tokens=8)  # the argument wins
     off(x)
     assert "off" in off.reason
 
@@ -95,14 +97,14 @@ def test_cpu_and_switch_off_run_eagerly_with_a_reason(monkeypatch):
 def test_first_call_warms_up_the_second_captures_then_replays(standin):
     lin, fn, calls = model_and_fn()
     x, scale = torch.randn(2, 4), torch.tensor(3.0)
-    step = cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8, cache=standin)
-    assert torch.equal(step(x), fn(x, scale)) and step.captures == 0 and len(standin) == 0  # eager warm-up
+    step = standin.graphed(fn, (scale,), module=lin, key="k", tokens=8)
+    assert torch.equal(step(x), fn(x, scale)) and step.captures == 0 and len(standin.cache) == 0  # eager warm-up
     x2 = torch.randn(2, 4)
     assert torch.equal(step(x2), fn(x2, scale)) and step.captures == 1 and StandIn.made[0].replays == 1
     x3 = torch.randn(2, 4)
     assert torch.equal(step(x3), fn(x3, scale)) and StandIn.made[0].replays == 2  # new input copied in
     # a new sampling call (new constants, same shapes and weights) reuses the graph with its constants loaded
-    again = cg.GraphedStep(fn, (torch.tensor(5.0),), module=lin, key="k", tokens=8, cache=standin)
+    again = standin.graphed(fn, (torch.tensor(5.0),), module=lin, key="k", tokens=8)
     assert torch.equal(again(x2), fn(x2, torch.tensor(5.0))) and again.captures == 0 and len(StandIn.made) == 1
 
 
@@ -110,13 +112,13 @@ def test_new_shape_or_key_captures_another_and_the_cache_is_bounded(standin):
     lin, fn, _ = model_and_fn()
     scale = torch.tensor(1.0)
     for batch in (1, 2, 3):  # three shapes, room for two
-        step = cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8, cache=standin)
+        step = standin.graphed(fn, (scale,), module=lin, key="k", tokens=8)
         step(torch.randn(batch, 4)), step(torch.randn(batch, 4))
-    assert len(StandIn.made) == 3 and len(standin) == 2
-    step = cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8, cache=standin)
+    assert len(StandIn.made) == 3 and len(standin.cache) == 2
+    step = standin.graphed(fn, (scale,), module=lin, key="k", tokens=8)
     step(torch.randn(1, 4))  # the least recently used (batch 1) was dropped: captured again, no second warm-up
     assert step.captures == 1
-    other = cg.GraphedStep(fn, (scale,), module=lin, key="other guidance", tokens=8, cache=standin)
+    other = standin.graphed(fn, (scale,), module=lin, key="other guidance", tokens=8)
     other(torch.randn(1, 4)), other(torch.randn(1, 4))
     assert other.captures == 1 and len(StandIn.made) == 5  # a different key never shares a graph
 
@@ -126,19 +128,19 @@ def test_weights_that_move_or_change_dtype_drop_that_models_graphs(standin):
     keep, keep_fn, _ = model_and_fn()
     x, scale = torch.randn(2, 4), torch.tensor(1.0)
     for model, f in ((keep, keep_fn), (lin, fn)):  # another model's graph, and this one's
-        step = cg.GraphedStep(f, (scale,), module=model, key="k", tokens=8, cache=standin)
+        step = standin.graphed(f, (scale,), module=model, key="k", tokens=8)
         step(x), step(x)
     lin.weight.data = lin.weight.data.clone()  # offloaded and reloaded: new addresses
-    step = cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8, cache=standin)
+    step = standin.graphed(fn, (scale,), module=lin, key="k", tokens=8)
     assert torch.equal(step(x), fn(x, scale)) and step.captures == 0  # stale graph dropped, warmed up anew
-    assert len(standin) == 1  # the other model's graph is untouched
-    assert torch.equal(step(x), fn(x, scale)) and step.captures == 1 and len(standin) == 2
+    assert len(standin.cache) == 1  # the other model's graph is untouched
+    assert torch.equal(step(x), fn(x, scale)) and step.captures == 1 and len(standin.cache) == 2
     lin.to(torch.float64)
     x64 = x.double()
-    step = cg.GraphedStep(fn, (scale.double(),), module=lin, key="k", tokens=8, cache=standin)
+    step = standin.graphed(fn, (scale.double(),), module=lin, key="k", tokens=8)
     step(x64)
     assert torch.equal(step(x64), fn(x64, scale.double())) and step.captures == 1
-    assert sum(ref() is lin for ref, _, _ in standin.entries.values()) == 1
+    assert sum(ref() is lin for ref, _, _ in standin.cache.entries.values()) == 1
 
 
 def test_a_deleted_models_graphs_go_at_the_next_lookup():
@@ -149,7 +151,7 @@ def test_a_deleted_models_graphs_go_at_the_next_lookup():
     del gone
     assert cache.get("b", kept, cg.fingerprint(kept)) == "graph b" and len(cache) == 1
     cache.clear()
-    assert len(cache) == 0 and cg.held_bytes("cpu") == 0
+    assert len(cache) == 0
 
 
 def test_a_failed_capture_falls_back_to_eager_for_the_whole_call(standin, monkeypatch):
@@ -158,13 +160,14 @@ def test_a_failed_capture_falls_back_to_eager_for_the_whole_call(standin, monkey
     class Broken(StandIn):
         def __init__(self, *a):
             raise RuntimeError("operation not permitted when stream is capturing")
-    monkeypatch.setattr(cg, "CapturedCall", Broken)
+    monkeypatch.setattr(standin, "capture", Broken)
     x, scale = torch.randn(2, 4), torch.tensor(2.0)
-    step = cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8, cache=standin)
+    step = standin.graphed(fn, (scale,), module=lin, key="k", tokens=8)
     outs = [step(x) for _ in range(3)]
     assert len(calls) == 3  # one eager run per step: the failed capture is not retried
     assert all(torch.equal(o, fn(x, scale)) for o in outs)
-    assert step.reason.startswith("capture failed") and len(standin) == 0
+    assert step.reason.startswith("capture failed") and len(standin.cache) == 0
+    assert standin.broken.startswith("capture failed")  # this runtime captures no more
 
 
 def test_a_step_that_syncs_with_the_host_is_never_captured(standin, monkeypatch):
@@ -174,17 +177,16 @@ def test_a_step_that_syncs_with_the_host_is_never_captured(standin, monkeypatch)
     syncs = iter(["called a synchronizing CUDA operation", "called a synchronizing CUDA operation"])
     monkeypatch.setattr(cg, "_warm_up", lambda f, i, c: (f(*i, *c), next(syncs, "")))
     x, scale = torch.randn(2, 4), torch.tensor(2.0)
-    step = cg.GraphedStep(fn, (scale,), module=lin, key="k", tokens=8, cache=standin)
+    step = standin.graphed(fn, (scale,), module=lin, key="k", tokens=8)
     assert torch.equal(step(x), fn(x, scale)) and not step.reason  # tried again at the next step
     assert torch.equal(step(x), fn(x, scale)) and "synchronises" in step.reason
     step(x)
-    assert len(StandIn.made) == 0 and not cg.BROKEN  # nothing captured, graphs still usable elsewhere
+    assert len(StandIn.made) == 0 and not standin.broken  # nothing captured, graphs still usable elsewhere
 
 
 def test_sampling_through_the_graph_path_equals_eager(standin, monkeypatch):
     """sample_latents with its step captured (stand-in replay on static buffers, constants loaded once)
     gives the eager result bit for bit, for CFG and CFG+PAG, and a second call reuses the graph."""
-    monkeypatch.setattr(cg, "CACHE", standin)
     cfg = SanaConfig(depth=2, width=64, caption_dim=48, self_heads=2, cross_heads=2, mlp_hidden=160)
     model = SanaTransformer(cfg)
     model.load_state_dict(random_state_dict(cfg, seed=1))
@@ -194,25 +196,25 @@ def test_sampling_through_the_graph_path_equals_eager(standin, monkeypatch):
     mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0]])
     kw = dict(sampler="flow_dpm_solver", steps=4, shift=3.0, cfg=4.5)
     for pag in (0.0, 2.0):
-        eager = sample_latents(model, noise, cond, mask, uncond, mask, pag_scale=pag, pag_layers=(1,), **kw,
-                               cuda_graphs=False)
+        eager = sample_latents(model, noise, cond, mask, uncond, mask, pag_scale=pag, pag_layers=(1,), **kw)
         made = len(StandIn.made)
-        graphed = sample_latents(model, noise, cond, mask, uncond, mask, pag_scale=pag, pag_layers=(1,), **kw)
+        graphed = sample_latents(model, noise, cond, mask, uncond, mask, pag_scale=pag, pag_layers=(1,), **kw,
+                                 runtime=standin)
         assert len(StandIn.made) == made + 1 and torch.equal(graphed, eager)
-        again = sample_latents(model, noise, cond, mask, uncond, mask, pag_scale=pag, pag_layers=(1,), **kw)
+        again = sample_latents(model, noise, cond, mask, uncond, mask, pag_scale=pag, pag_layers=(1,), **kw,
+                               runtime=standin)
         assert len(StandIn.made) == made + 1 and torch.equal(again, eager)
 
 
 def test_gemma_and_decode_through_the_graph_path_equal_eager(standin, monkeypatch, tmp_path):
     """Gemma's layers (one graph per prompt length) and the DC-AE decode replayed from (stand-in) graphs
     give the eager results: each runs eagerly at its first call, is captured at the second, replayed after."""
-    standin.max_graphs = 4
-    monkeypatch.setattr(cg, "CACHE", standin)
+    standin.cache.max_graphs = 4
     te = load_text_encoder(write_demo_text_encoder(tmp_path / "te.safetensors"), device="cpu")
     ae = load_autoencoder(write_demo_autoencoder(tmp_path / "ae.safetensors"), device="cpu")
     latent = torch.randn(1, 32, 2, 3, generator=torch.Generator().manual_seed(0))
-    calls = [lambda: te.encode(["a red fox"])[0], lambda: te.encode([""], instruction=False)[0],
-             lambda: ae.decode(latent)]
+    calls = [lambda: standin.encode_text(te, ["a red fox"])[0],
+             lambda: standin.encode_text(te, [""], instruction=False)[0], lambda: standin.decode(ae, latent)]
     monkeypatch.setattr(cg.GraphedStep, "_why_eager", lambda self, inputs: "eager reference")
     eager = [call() for call in calls]
     monkeypatch.setattr(cg.GraphedStep, "_why_eager", lambda self, inputs: "")
@@ -220,6 +222,9 @@ def test_gemma_and_decode_through_the_graph_path_equal_eager(standin, monkeypatc
         assert all(torch.equal(call(), ref) for call, ref in zip(calls, eager))
         assert len(StandIn.made) == made
     assert all(made.replays >= 1 for made in StandIn.made)
+    for _ in range(3):  # the models' own calls are model code only: they never capture
+        te.encode(["a red fox"]), ae.decode(latent), ae.decode_tiled(latent, tile=32)
+    assert len(StandIn.made) == 3
 
 
 class HostSyncs(TorchDispatchMode):
@@ -250,7 +255,7 @@ def test_graphed_calls_never_wait_for_the_host(tmp_path):
     caption = dit.encode_caption(torch.randn(2, 7, 48), torch.tensor([[1] * 7, [1] * 4 + [0] * 3]))
     t = torch.tensor([500.0, 500.0])
     with torch.inference_mode(), HostSyncs() as syncs:
-        te._layers(te.model.embed_tokens(tokens.input_ids), tokens.attention_mask)
+        te.layers(te.model.embed_tokens(tokens.input_ids), tokens.attention_mask)
         ae.decoder(torch.randn(1, 32, 2, 3))
         dit(torch.randn(2, 32, 3, 2), t, caption)
     assert not syncs.found
@@ -264,11 +269,11 @@ def test_weights_moved_by_a_host_frees_graphs_and_position_cache(monkeypatch):
                      pe_interpolation=1.0, base_size=4)
     model = SanaTransformer(cfg)
     model.load_state_dict(random_state_dict(cfg, seed=1))
-    released = []
-    monkeypatch.setattr(cg, "release", lambda: released.append(1))
+    runtime, released = cg.Runtime(), []
+    monkeypatch.setattr(runtime, "release", lambda: released.append(1))
     model(torch.randn(1, 32, 2, 3), torch.tensor([500.0]), torch.randn(1, 5, 48))
     assert model._pos_embed is not None
-    _weights_moved(model)
+    _weights_moved(model, runtime)
     assert released == [1] and model._pos_embed is None
-    _weights_moved(object())  # a model without caches of its own (the DC-AE, the text encoder)
+    _weights_moved(object(), runtime)  # a model without caches of its own (the DC-AE, the text encoder)
     assert released == [1, 1]

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from sana_core.checkpoints import CheckpointError
-from sana_core.pipeline import defaults_for, sample_latents
+from sana_core.guidance import sample_latents
+from sana_core.presets import defaults_for
 from sana_nodes import NODE_CLASS_MAPPINGS, host, runner
 from sana_nodes.conditioning import SanaTextEncode
 from sana_nodes.latent import PRESETS, SanaEmptyLatent

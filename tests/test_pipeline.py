@@ -13,7 +13,10 @@ from conftest import rel_err
 
 from sana_core import load_autoencoder, load_text_encoder, load_transformer, resolution
 from sana_core.demo import DEMO_CAPTION_DIM, write_demo_text_encoder
-from sana_core.pipeline import SanaPipeline, defaults_for, sample_latents, text_encoder_should_offload, to_pil
+from sana_core.guidance import sample_latents
+from sana_core.pipeline import SanaPipeline, to_pil
+from sana_core.presets import defaults_for
+from sana_core.runtime import text_encoder_should_offload
 from sana_core.text_encoder import INSTRUCTIONS
 from sana_core.transformer import CONFIGS
 
@@ -84,7 +87,7 @@ class CachedEncoder:
     def __init__(self, te):
         self.te, self.cache = te, {}
 
-    def encode(self, prompts, **kw):
+    def encode(self, prompts, layers=None, **kw):  # layers: the runtime's graphed ones, eager on the CPU anyway
         key = (prompts if isinstance(prompts, str) else tuple(prompts), tuple(sorted(kw.items())))
         if key not in self.cache:
             self.cache[key] = self.te.encode(prompts, **kw)
@@ -333,9 +336,9 @@ def test_defaults_per_variant(name, size, expected):
 def test_text_encoder_offload_rule_and_cpu_noop(parts, monkeypatch):
     config = CONFIGS["sana-1.6b"]
     kw = dict(config=config, element_size=2, forwards=2, width=1024, height=1024)
-    assert not text_encoder_should_offload(free_bytes=40 * 2**30, **kw)
-    assert text_encoder_should_offload(free_bytes=2 * 2**30, **kw)
-    assert text_encoder_should_offload(free_bytes=20 * 2**30, **kw | dict(width=4096, height=4096))
+    assert not text_encoder_should_offload(free=40 * 2**30, **kw)
+    assert text_encoder_should_offload(free=2 * 2**30, **kw)
+    assert text_encoder_should_offload(free=20 * 2**30, **kw | dict(width=4096, height=4096))
     offloads = []
     monkeypatch.setattr(parts[0]["te"], "offload", lambda: offloads.append(1))
     pipe_for(parts)(PROMPT, width=WIDTH, height=HEIGHT, steps=1, output="latent")

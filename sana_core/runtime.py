@@ -1,10 +1,17 @@
-"""CUDA graphs for launch-bound calls: the sampling step (the whole guided DiT call, CFG/PAG batch +
-guidance arithmetic), Gemma's forward and the DC-AE decode of small images, each replayed as one graph,
-so that a 20-step sample has no per-layer launch gaps.
+"""The runtime: everything SANA's models need from the machine, in one object the caller holds.
 
-    step = GraphedStep(fn, constants, module=transformer, key=("velocity", ...), tokens=n * B * h * w)
-    v = step(x, t)      # fn(x, t, *constants): eager at its key's first call, captured at the next, replayed
-    release()           # drop every cached graph and give its memory back (before a big decode, on unload)
+A `Runtime` owns the CUDA graphs (the sampling step, Gemma's layers, small decodes, each replayed as one
+graph, so that a 20-step sample has no per-layer launch gaps) and the memory decisions (decode untiled or
+in tiles, Gemma off the GPU while sampling, the graphs' pool given back before a big decode). The models
+(SanaTransformer, TextEncoder, DCAE) hold model code only: their plain calls never capture a graph.
+SanaPipeline and the nodes' hosts each hold a Runtime and pass it where it acts:
+
+    runtime = Runtime()                                    # cuda_graphs=None: SANA_CUDA_GRAPHS decides
+    latent = sample_latents(dit, ..., runtime=runtime)     # each step (the whole guided call) one graph
+    emb, mask = runtime.encode_text(text_encoder, prompts) # Gemma's layers: one graph per length and batch
+    pixels = runtime.decode(autoencoder, latent)           # untiled / tiled by free memory; small: a graph
+    step = runtime.graphed(fn, constants, module=m, key=..., tokens=n)  # any other pure call
+    runtime.release()                                      # drop every graph and give its memory back
 
 When a call is captured: the first call of a key (module, caller's key, shapes) with given weights runs
 eagerly, as the warm-up (lazy initialisation, cuDNN plans, Triton compiles; host syncs detected); the next
@@ -17,16 +24,18 @@ What a graph holds and when it is dropped:
   the module's weights and buffers. The weights are named by `fingerprint(module)` (device, dtype, shape
   and address of every parameter and buffer), taken once per GraphedStep: when it differs from the one a
   cached graph was captured with (weights offloaded and reloaded, partially too; cast to another dtype;
-  tensors swapped), that module's graphs are dropped and the step is captured again.
+  tensors swapped, as ComfyUI's ModelPatcher does when it patches a weight), that module's graphs are
+  dropped and the step is captured again.
 - The cache keeps at most MAX_GRAPHS graphs (least recently used dropped first), all sharing one memory
   pool per device (they never run at the same time), and is emptied before a capture when free device
   memory is under MIN_FREE_BYTES.
-- Eager instead (reason in `GraphedStep.reason`): graphs switched off (SANA_CUDA_GRAPHS=0 or enabled=False),
-  inputs not on a CUDA device, weights not all on the inputs' device (a partially loaded model), calls
-  larger than `max_tokens` (DiT steps: MAX_TOKENS latent tokens; compute-bound beyond, launch gaps are
-  under 1% there, and the graph's memory pool would be gigabytes), autograd on, already inside a
-  capture, a step that synchronises with the host (.item(), a pageable copy: seen in the warm-up, before
-  any capture), or an earlier capture in this process that raised.
+- Eager instead (reason in `GraphedStep.reason`): graphs switched off (SANA_CUDA_GRAPHS=0 or
+  Runtime(cuda_graphs=False)), inputs not on a CUDA device, weights not all on the inputs' device (a
+  partially loaded model), layers that patch their weights on the fly (ComfyUI's low-VRAM weight
+  functions), calls larger than `max_tokens` (DiT steps: MAX_TOKENS latent tokens; compute-bound beyond,
+  launch gaps are under 1% there, and the graph's memory pool would be gigabytes), autograd on, already
+  inside a capture, a step that synchronises with the host (.item(), a pageable copy: seen in the warm-up,
+  before any capture), or an earlier capture of this runtime that raised.
 """
 import contextlib
 import itertools
@@ -38,14 +47,19 @@ from collections import OrderedDict
 
 import torch
 
+from . import resolution
+
 log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 8  # cached graphs (an image needs up to 4: 2 Gemma lengths, the step, the decode); LRU dropped first
 MAX_WARM = 64  # keys remembered as warmed up (captured at their next call); LRU dropped first
 MAX_TOKENS = 8192  # latent tokens per DiT call (batch x CFG/PAG groups x h x w), e.g. 2048 px with CFG at batch 1
+GEMMA_MAX_TOKENS = 8192  # prompt tokens per call (batch x length) up to which Gemma runs as a CUDA graph
+DECODE_MAX_PIXELS = 1024  # latent pixels (batch x h x w: 1024 px images) up to which a decode replays a graph
 MIN_FREE_BYTES = 2 << 30  # free device memory under which every cached graph is dropped before a capture
+DECODE_BYTES_PER_PIXEL = 26 * 2**30 / 4096**2  # untiled bf16 DC-AE decode: 26 GiB at 4096 px (measured)
+DECODE_TILES = (2048, 1536, 1024, 768, 512, 384, 256)  # tile sides (pixels) a decode short of memory tries
 ENV = "SANA_CUDA_GRAPHS"  # "0" / "false" / "off": never capture
-BROKEN = ""  # why capturing stopped for this process (a capture that raised half way), or ""
 
 
 def enabled_by_env() -> bool:
@@ -86,8 +100,11 @@ def signature(obj) -> tuple:
 
 
 def free_bytes(device) -> int:
-    """Device memory a new allocation can get: free on the device plus what PyTorch holds unused."""
-    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    """Device memory a new allocation can get: free on the device plus what PyTorch holds unused (the
+    cached graphs' pool included: see Runtime.held_bytes), within a set_per_process_memory_fraction cap."""
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
+    return min(free + torch.cuda.memory_reserved(device), int(fraction * total)) - torch.cuda.memory_allocated(device)
 
 
 def _warm_up(fn, inputs, constants):
@@ -205,29 +222,9 @@ class GraphCache:
         self.pool_bytes.clear()
 
 
-CACHE = GraphCache()
-
-
-def release() -> None:
-    """Drop every cached graph and return its memory to the device (e.g. before decoding a large image, or
-    when the model is unloaded)."""
-    had = len(CACHE)
-    CACHE.clear()
-    if had and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
-def held_bytes(device) -> int:
-    """Device memory the cached graphs' pool holds on `device` ("cuda" is the current one; estimated at
-    capture; 0 when none)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return CACHE.pool_bytes.get(device, 0) if len(CACHE) else 0
-
-
 class GraphedStep:
-    """step(*inputs) = fn(*inputs, *constants), replayed from a CUDA graph when possible.
+    """step(*inputs) = fn(*inputs, *constants), replayed from one of `runtime`'s CUDA graphs when possible
+    (made by Runtime.graphed).
 
     fn must be a pure function of its tensor arguments (no host synchronisation, no data-dependent
     Python branching) that reads `module`'s weights; `constants` (nested tuples of tensors) stay the same
@@ -235,12 +232,11 @@ class GraphedStep:
     depends on (guidance layout, perturbed layers, ...). tokens: the call's size; above max_tokens it
     runs eagerly."""
 
-    def __init__(self, fn, constants, *, module, key, tokens: int, max_tokens: int = MAX_TOKENS,
-                 enabled: bool | None = None, cache=None):
+    def __init__(self, runtime, fn, constants, *, module, key, tokens: int, max_tokens: int = MAX_TOKENS):
+        self.runtime, self.cache = runtime, runtime.cache
         self.fn, self.constants, self.module = fn, constants, module
         self.key, self.tokens, self.max_tokens = key, tokens, max_tokens
-        self.cache = CACHE if cache is None else cache
-        self.enabled = enabled_by_env() if enabled is None else enabled
+        self.enabled = runtime.graphs_enabled()
         self.fingerprint = fingerprint(module) if self.enabled else None  # once per sampling call
         self.captured = None  # the graph this step replays, once found or captured
         self.reason = None  # why it runs eagerly, once decided
@@ -248,7 +244,6 @@ class GraphedStep:
         self.warm_ups = 0  # eager warm-ups that synchronised with the host
 
     def __call__(self, *inputs):
-        global BROKEN
         if self.captured is not None:
             return self.captured(inputs)
         if self.reason is None:
@@ -272,12 +267,13 @@ class GraphedStep:
                     log.warning("CUDA graphs: %s; sampling continues without graphs", self.reason)
             return out
         device = inputs[0].device
+        capture = self.runtime.capture
         try:
             self.captured = self.cache.add(key, self.module, self.fingerprint,
-                                           lambda pool: CapturedCall(self.fn, inputs, self.constants, pool), device)
+                                           lambda pool: capture(self.fn, inputs, self.constants, pool), device)
             self.captures += 1
-        except Exception as e:  # a capture that failed half way: stop capturing in this process
-            BROKEN = self.reason = f"capture failed ({type(e).__name__}: {str(e)[:200]})"
+        except Exception as e:  # a capture that failed half way: stop capturing in this runtime
+            self.runtime.broken = self.reason = f"capture failed ({type(e).__name__}: {str(e)[:200]})"
             log.error("CUDA graphs: %s; graphs are off for the rest of this process", self.reason)
             pool = self.cache.pools.get(device)
             self.cache.clear()
@@ -290,11 +286,13 @@ class GraphedStep:
 
     def _why_eager(self, inputs) -> str:
         if not self.enabled:
-            return f"CUDA graphs are off ({ENV}=0 or cuda_graphs=False)"
+            return f"CUDA graphs are off ({ENV}=0 or Runtime(cuda_graphs=False))"
         if self.tokens > self.max_tokens:
             return f"{self.tokens} tokens per call > {self.max_tokens}: compute-bound, launch gaps are negligible"
-        if BROKEN:
-            return f"an earlier {BROKEN}"
+        if self.runtime.broken:
+            return f"an earlier {self.runtime.broken}"
+        if any(getattr(m, "weight_function", None) or getattr(m, "bias_function", None) for m in self.module.modules()):
+            return "layers patch their weights on the fly (low-VRAM weight patches)"
         device = inputs[0].device
         if device.type != "cuda" or not all(t.device == device for t in _tensors((inputs, self.constants))):
             return f"inputs on {device}, not all on one CUDA device"
@@ -305,3 +303,116 @@ class GraphedStep:
         if torch.cuda.is_current_stream_capturing():
             return "already inside a CUDA graph capture"
         return ""
+
+
+class Runtime:
+    """CUDA graphs and memory decisions for SANA's models (see the module docstring). One per pipeline
+    or host; it holds no model, only graphs keyed by the modules they were captured from.
+
+    cuda_graphs: True / False, or None for the environment (SANA_CUDA_GRAPHS, read at each call)."""
+    capture = CapturedCall  # what records a graph (tests replace it with a CPU stand-in)
+
+    def __init__(self, *, cuda_graphs: bool | None = None, max_graphs: int = MAX_GRAPHS):
+        self.cuda_graphs = cuda_graphs
+        self.cache = GraphCache(max_graphs)
+        self.broken = ""  # why capturing stopped (a capture that raised half way), or ""
+
+    def graphs_enabled(self) -> bool:
+        return enabled_by_env() if self.cuda_graphs is None else self.cuda_graphs
+
+    def graphed(self, fn, constants, *, module, key, tokens: int, max_tokens: int = MAX_TOKENS) -> GraphedStep:
+        """fn(*inputs, *constants) as a callable of the inputs, replayed from a graph when possible."""
+        return GraphedStep(self, fn, constants, module=module, key=key, tokens=tokens, max_tokens=max_tokens)
+
+    def release(self) -> None:
+        """Drop every cached graph and return its memory to the device (before a big decode, when weights
+        are unloaded)."""
+        had = len(self.cache)
+        self.cache.clear()
+        if had and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+    def held_bytes(self, device) -> int:
+        """Device memory the cached graphs' pool holds on `device` ("cuda" is the current one; estimated
+        at capture; 0 when none). Allocators count it as free, but only graph replays can use it."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return self.cache.pool_bytes.get(device, 0) if len(self.cache) else 0
+
+    # -- the models' calls ----------------------------------------------------------------------------
+
+    def encode_text(self, text_encoder, prompts, **kwargs):
+        """text_encoder.encode(prompts, **kwargs) with Gemma's layers replayed from a graph (one per
+        prompt length and batch)."""
+        def layers(embeds, mask):
+            return self.graphed(text_encoder.layers, (), module=text_encoder.on_device, key=("gemma",),
+                                tokens=mask.numel(), max_tokens=GEMMA_MAX_TOKENS)(embeds, mask)
+        return text_encoder.encode(prompts, layers=layers, **kwargs)
+
+    def decode(self, autoencoder, latent: torch.Tensor) -> torch.Tensor:
+        """Scaled latent (B, 32, h, w) -> images (B, 3, 32h, 32w) in [-1, 1], as free device memory allows:
+        autoencoder.decode when its estimated activations fit, else decode_tiled with the biggest tile that
+        fits (one sample at a time when the batch does not fit); the graphs' pool is given back first when
+        an untiled decode needs it. Small decodes (DECODE_MAX_PIXELS) replay a graph. CPU: untiled."""
+        ae, device = autoencoder, torch.device(autoencoder.device)
+        B, _, h, w = latent.shape
+        if device.type == "cuda":
+            self._release_if_short(device, DECODE_BYTES_PER_PIXEL * B * h * w * ae.spatial_compression ** 2)
+            free = free_bytes(device)
+            if B > 1 and ae.activation_bytes(B, h, w) > free:
+                return torch.cat([self.decode(ae, latent[i:i + 1]) for i in range(B)])
+            tile = decode_tile(ae, B, h, w, free)
+            if tile is not None:
+                return ae.decode_tiled(latent, tile=tile)
+        return self.decode_untiled(ae, latent)
+
+    def decode_untiled(self, autoencoder, latent: torch.Tensor) -> torch.Tensor:
+        """autoencoder.decode(latent), replayed from a graph up to DECODE_MAX_PIXELS latent pixels."""
+        B, _, h, w = latent.shape
+        decoder = self.graphed(autoencoder.decoder, (), module=autoencoder.decoder, key=("decode",),
+                               tokens=B * h * w, max_tokens=DECODE_MAX_PIXELS)
+        return autoencoder.decode(latent, decoder=decoder)
+
+    def offload_text_encoder_if_short(self, text_encoder, transformer, *, forwards: int, width: int,
+                                      height: int) -> bool:
+        """text_encoder.offload() when free GPU memory is short of sampling plus an untiled decode
+        (text_encoder_should_offload); returns whether it did. Never on the CPU. forwards: latents per DiT
+        call (batch x CFG/PAG groups)."""
+        device = transformer.device
+        if device.type != "cuda" or torch.device(text_encoder.device).type != "cuda":
+            return False
+        free, _ = torch.cuda.mem_get_info(device)
+        if not text_encoder_should_offload(free, transformer.config, transformer.dtype.itemsize, forwards,
+                                           width, height):
+            return False
+        text_encoder.offload()
+        torch.cuda.empty_cache()
+        return True
+
+    def _release_if_short(self, device, need: float) -> None:
+        """Give the graphs' pool back when free memory without it is short of `need` bytes."""
+        held = self.held_bytes(device)
+        if held and free_bytes(device) - held < need:
+            self.release()
+
+
+def decode_tile(autoencoder, batch: int, h: int, w: int, free: int):
+    """None when the decode of a (batch, 32, h, w) latent fits in `free` bytes, else the biggest tile
+    (pixels) with which decode_tiled fits (the smallest one tried when none does)."""
+    ae = autoencoder
+    if ae.activation_bytes(batch, h, w) <= free:
+        return None
+    side = max(h, w) * ae.spatial_compression
+    tiles = [t for t in DECODE_TILES if t < side]
+    fits = [t for t in tiles if ae.activation_bytes(batch, h, w, tile=t) <= free]
+    return fits[0] if fits else (tiles[-1] if tiles else None)
+
+
+def text_encoder_should_offload(free, config, element_size, forwards, width, height) -> bool:
+    """Whether `free` GPU memory is short of sampling plus an untiled decode (estimates): then the text
+    encoder (~5 GB) moves to the CPU. forwards: latents per DiT call (batch x CFG/PAG groups)."""
+    tokens = (width // resolution.LATENT_FACTOR) * (height // resolution.LATENT_FACTOR)
+    dit = forwards * tokens * config.width * element_size * 24  # residual stream + 5x-wide Mix-FFN, with slack
+    decode = DECODE_BYTES_PER_PIXEL * width * height * (2 if element_size >= 4 else 1)
+    return free < dit + decode + 2**30
