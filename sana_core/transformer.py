@@ -19,9 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoints import (CheckpointError, default_device, default_dtype, describe, guess_component,
-                          load_weights, read_checkpoint, strip_prefix)
+from .checkpoints import CheckpointError, default_device, default_dtype, describe, guess_component, strip_prefix
 from .kernels import adaln, depthwise_conv_glu, gated_residual_adaln, linear_attention  # Triton on CUDA, else twins
+from .quantized import cat_rows, layer_weight, load_quantized_weights  # quantized weights (GGUF, fp8)
+from .quantized_files import read_quantized_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -236,9 +237,9 @@ class MixFFN(nn.Module):
 
     def forward(self, x, h, w):  # (B, N, C)
         inv, depth = self.inverted_conv.conv, self.depth_conv.conv
-        x = F.silu(F.linear(x, inv.weight.flatten(1), inv.bias), inplace=True)  # (B, N, 2H)
+        x = F.silu(F.linear(x, layer_weight(inv, x).flatten(1), inv.bias), inplace=True)  # (B, N, 2H)
         x = depthwise_conv_glu(x, depth.weight, depth.bias, h, w)  # (B, N, H)
-        return F.linear(x, self.point_conv.conv.weight.flatten(1))  # (B, N, C)
+        return F.linear(x, layer_weight(self.point_conv.conv, x).flatten(1))  # (B, N, C)
 
 
 class Block(nn.Module):
@@ -461,7 +462,7 @@ class FusedTensors(Mapping):
 
     def __getitem__(self, name):
         parts = [self.tensors[s] for s in self.sources[name]]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return parts[0] if len(parts) == 1 else cat_rows(parts)  # torch.cat, quantized parts too
 
     def __iter__(self):
         return iter(self.sources)
@@ -607,7 +608,7 @@ def load_transformer(path, *, dtype=None, device=None, **hints) -> SanaTransform
         path = path / "transformer"  # a diffusers pipeline folder
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    tensors, metadata = read_checkpoint(path, weight_names=("diffusion_pytorch_model", "model"))
+    tensors, metadata = read_quantized_checkpoint(path, weight_names=("diffusion_pytorch_model", "model"))
     tensors = strip_prefix(tensors, PREFIXES)
     kind = guess_component(tensors)
     if kind != "transformer":
@@ -629,7 +630,7 @@ def load_transformer(path, *, dtype=None, device=None, **hints) -> SanaTransform
     with torch.device("meta"):
         model = SanaTransformer(config, dtype=dtype)
     try:
-        return load_weights(model, tensors, device=device, dtype=dtype)
+        return load_quantized_weights(model, tensors, metadata, device=device, dtype=dtype)  # else load_weights
     except CheckpointError as e:
         raise CheckpointError(f"{path.name} (detected {config.variant}): {e}") from None
 
