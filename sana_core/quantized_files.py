@@ -56,6 +56,10 @@ def read_quantized_checkpoint(path, **kw) -> tuple[dict, dict]:
     return tensors, metadata
 
 
+def _name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _group_fp8(tensors: dict, name: str) -> tuple[dict, str | None]:
     """fp8 tensors -> QuantizedTensor with their scales; the `scaled_fp8` marker removed."""
     markers = [k for k in tensors if k == "scaled_fp8" or k.endswith(".scaled_fp8")]
@@ -63,7 +67,7 @@ def _group_fp8(tensors: dict, name: str) -> tuple[dict, str | None]:
     fp8 = [k for k, t in tensors.items() if t.dtype in FP8.values() and k not in scales and k not in markers]
     if not (markers or scales or fp8):
         return tensors, None
-    marker = tensors[markers[0]].dtype if markers else None
+    marker = _name(tensors[markers[0]].dtype) if markers else None
     if markers and not fp8:
         raise CheckpointError(f"{name} is marked scaled_fp8 ({marker}) but holds no fp8 weights: the file is "
                               f"damaged or was written wrongly; convert the original checkpoint again")
@@ -73,14 +77,14 @@ def _group_fp8(tensors: dict, name: str) -> tuple[dict, str | None]:
         layer, _, kind = key.rpartition(".")
         weight, value = layer + ".weight", tensors[key]
         if weight not in tensors or tensors[weight].dtype not in FP8.values():
-            found = "is missing" if weight not in tensors else f"is {tensors[weight].dtype}, not fp8"
+            found = "is missing" if weight not in tensors else f"is {_name(tensors[weight].dtype)}, not fp8"
             raise CheckpointError(f"{name}: {key} scales {weight}, which {found}: the file is damaged or not a "
                                   f"scaled fp8 checkpoint")
         rows = tensors[weight].shape[0]
         if value.numel() not in (1, rows) or not value.is_floating_point() or not torch.isfinite(value).all() \
                 or not (value.float() > 0).all():
             raise CheckpointError(f"{name}: {key} must be positive finite float scale(s), one or {rows}; found "
-                                  f"{value.dtype} of shape {list(value.shape)}: the file is damaged")
+                                  f"{_name(value.dtype)} of shape {list(value.shape)}: the file is damaged")
         by_weight.setdefault(weight, {})[SCALE_NAMES[kind]] = value.float().reshape(-1) if value.numel() > 1 \
             else value.float().reshape(())
     for key in fp8:
