@@ -85,14 +85,13 @@ def _group_fp8(tensors: dict, name: str) -> tuple[dict, str | None]:
                 or not (value.float() > 0).all():
             raise CheckpointError(f"{name}: {key} must be positive finite float scale(s), one or {rows}; found "
                                   f"{_name(value.dtype)} of shape {list(value.shape)}: the file is damaged")
-        by_weight.setdefault(weight, {})[SCALE_NAMES[kind]] = value.float().reshape(-1) if value.numel() > 1 \
-            else value.float().reshape(())
+        by_weight.setdefault(weight, {})[SCALE_NAMES[kind]] = value.float().reshape(-1 if value.numel() > 1 else ())
+    qtypes = {d: n for n, d in FP8.items()}
     for key in fp8:
         t = tensors[key]
-        qtype = next(n for n, d in FP8.items() if d == t.dtype)
-        out[key] = QuantizedTensor(t, qtype, t.shape, **by_weight.get(key, {}))
-    dtypes = sorted({next(n for n, d in FP8.items() if d == tensors[k].dtype) for k in fp8})
-    return out, ("scaled " if scales or markers else "") + "/".join(dtypes)
+        out[key] = QuantizedTensor(t, qtypes[t.dtype], t.shape, **by_weight.get(key, {}))
+    found = sorted({qtypes[tensors[k].dtype] for k in fp8})
+    return out, ("scaled " if scales or markers else "") + "/".join(found)
 
 
 def _field(reader, name):
