@@ -490,3 +490,26 @@ def no_fp8_left(sd):
 def test_malformed_fp8_files_get_clear_errors(tmp_path, edit, message):
     with pytest.raises(CheckpointError, match=message):
         load_transformer(fp8_file(tmp_path, "bad_fp8.safetensors", edit), **CPU)
+
+
+def test_generate_with_quantized_transformers(tmp_path):
+    """The headless command makes the same picture from Q8_0 / fp8 copies of the demo DiTs (Sprint too)."""
+    from PIL import Image
+
+    from sana_core.demo import write_demo_models
+    models = write_demo_models(tmp_path / "models")
+
+    def generate(transformer, out):
+        argv = ["generate", "--prompt", "a red fox", "--transformer", str(transformer), "--vae",
+                str(models["autoencoder"]), "--text-encoder", str(models["text_encoder"]), "--out", str(out),
+                "--width", "64", "--height", "64", "--steps", "2", "--device", "cpu"]
+        assert cli(argv) == 0
+        return np.asarray(Image.open(out)).astype(np.float32)
+
+    for kind in ("transformer", "sprint"):
+        reference = generate(models[kind], tmp_path / f"{kind}.png")
+        for fmt, tolerance in (("q8_0", 1.5), ("fp8", 4.0)):  # mean |difference| in 0..255 levels (0.2-1.4 seen)
+            quantized = tmp_path / f"{kind}_{fmt}.{'safetensors' if fmt == 'fp8' else 'gguf'}"
+            quantize_checkpoint(models[kind], quantized, fmt)
+            image = generate(quantized, tmp_path / f"{kind}_{fmt}.png")
+            assert np.abs(image - reference).mean() < tolerance
