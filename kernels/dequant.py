@@ -18,7 +18,7 @@ The Triton kernel decodes BLOCKS blocks per program, every value from a gather o
 """
 import torch
 
-from . import HAS_TRITON, triton, tl, use_triton
+from . import HAS_TRITON, size_free, triton, tl, use_triton
 
 FORMATS = {"Q8_0": (32, 34), "Q5_0": (32, 22), "Q4_0": (32, 18),  # name -> (values, bytes) per block
            "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
@@ -91,7 +91,7 @@ if HAS_TRITON:
         mn = tl.where(s < 4, c & 63, (c >> 4) | ((a >> 6) << 4))
         return scale.to(tl.float32), mn.to(tl.float32)
 
-    @triton.jit
+    @triton.jit(**size_free(sizes=["n_blocks"]))  # one compile per format, whatever the layer's size
     def _dequant_kernel(src, out, n_blocks, FMT: tl.constexpr, QK: tl.constexpr, SIZE: tl.constexpr,
                         BLOCKS: tl.constexpr):
         blk = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)[:, None]  # (BLOCKS, 1)
