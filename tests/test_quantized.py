@@ -250,6 +250,13 @@ def test_half_precision_compute(written):
         assert rel_err(run(model), out32) < 0.03
 
 
+def test_quantize_command_keeps_the_resolution_hint(written, tmp_path):
+    source, _ = written
+    assert cli(["quantize", str(source), str(tmp_path / "q.gguf"), "--format", "q8_0", "--resolution", "4096"]) == 0
+    model = load_transformer(tmp_path / "q.gguf", **CPU)  # the file name says nothing: the metadata does
+    assert (model.config.pe_interpolation, model.config.base_size) == (2.0, 128)
+
+
 def test_quantize_command_refuses_bad_input(written, tmp_path, capsys):
     source, files = written
     assert cli(["quantize", str(files["q8_0"]), str(tmp_path / "again.gguf"), "--format", "q4_0"]) == 2
