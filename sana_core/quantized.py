@@ -193,9 +193,7 @@ def load_quantized_weights(model, tensors, metadata, *, device, dtype, prefix="b
     held = set()
     for name, module in list(model.named_modules()):
         key = name + ".weight"
-        if not (name.startswith(prefix) and _quantizable(module) and key in tensors):
-            continue
-        q = tensors[key]
+        q = tensors.get(key) if name.startswith(prefix) and _quantizable(module) else None  # one read (fusion)
         if not isinstance(q, QuantizedTensor):
             continue
         layer = _as_quantized_layer(module)
