@@ -4,8 +4,8 @@ stay quantized in memory and compute what their stored values say.
 The readers under test are checked by independent ones: gguf's GGUFReader and gguf.quants.dequantize for
 GGUF (the K-quant blocks, which gguf cannot write, are encoded by this test's own encoders from float data
 and decoded by gguf), ComfyUI's scaled-fp8 rule (weight = fp8 x scale_weight) read straight from the file
-with safetensors. Each format's own error, measured on these random weights (relative L2 of a weight):
-fp8 e4m3fn ~2.5%, Q8_0 ~0.4%, Q5_0 ~3.5%, Q4_0 ~7.5%; the bounds below sit just above.
+with safetensors. Each format's own error, measured on these random weights (relative L2 of a weight, the
+largest over the layers): fp8 e4m3fn 2.7%, Q8_0 0.55%, Q5_0 4.35%, Q4_0 8.85%; the bounds sit just above.
 """
 import json
 import os
@@ -31,7 +31,7 @@ Q = gguf.GGMLQuantizationType
 TINY = SanaConfig(depth=2, width=64, caption_dim=48, self_heads=2, cross_heads=2, mlp_hidden=160)
 WIDE = SanaConfig(depth=1, width=256, caption_dim=48, self_heads=8, cross_heads=2, mlp_hidden=256)  # K-quant rows
 CPU = dict(dtype=torch.float32, device="cpu")
-WEIGHT_ERR = {"fp8": 0.035, "q8_0": 0.006, "q5_0": 0.045, "q4_0": 0.09}  # bound on a weight's relative error
+WEIGHT_ERR = {"fp8": 0.03, "q8_0": 0.006, "q5_0": 0.046, "q4_0": 0.092}  # bound on a weight's relative error
 MATRICES = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj",
             "mlp.inverted_conv.conv", "mlp.point_conv.conv")  # per block: what the writers quantize
 RUNS_TRITON = K.HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
