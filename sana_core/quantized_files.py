@@ -15,8 +15,6 @@ Write (write_gguf, write_scaled_fp8; `python -m sana_core quantize IN OUT --form
 Q5_0 / Q4_0 (gguf's own quantizer); all other tensors as they were (float32 / float16 / bfloat16).
 Both files name the tool and format in their metadata.
 """
-import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +100,7 @@ def _field(reader, name):
 def read_gguf(path: Path) -> tuple[dict, dict]:
     gguf = _gguf()
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = gguf.GGUFReader(str(path), mode="c")  # copy-on-write map: in-place patches stay in memory
     except Exception as e:  # gguf raises ValueError, struct errors, IndexError... on damaged files
         raise CheckpointError(f"{path.name} is not a readable GGUF file ({type(e).__name__}: {str(e)[:200]}); "
                               f"it may be truncated by an interrupted download: download it again") from None
@@ -115,9 +113,7 @@ def read_gguf(path: Path) -> tuple[dict, dict]:
         fmt = t.tensor_type.name
         stored = _field(reader, ORIG_SHAPE + t.name)
         shape = torch.Size(stored if stored is not None else [int(n) for n in reversed(t.shape)])
-        with warnings.catch_warnings():  # the memory map is read-only; nothing writes to it
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            data = torch.from_numpy(t.data)
+        data = torch.from_numpy(t.data)
         if fmt in plain:
             data = data.view(torch.uint8).view(plain[fmt])  # BF16 arrives as bytes
         elif fmt not in GGUF_FORMATS:

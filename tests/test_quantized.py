@@ -341,6 +341,9 @@ def test_float_gguf_loads_as_float(tmp_path, fmt):
     assert quantization_summary(model) == {}
     ref = {k: v.to(torch.float16 if fmt == "F16" else torch.bfloat16).float() for k, v in sd.items()}
     assert rel_err(run(model), run(float_model_with(ref))) < 1e-6
+    half = load_transformer(tmp_path / "half.gguf", dtype=torch.float16 if fmt == "F16" else torch.bfloat16,
+                            device="cpu")  # the weights are the file's memory map (no copy) ...
+    half.blocks[0].attn.qkv.weight.add_(1)  # ... copy-on-write: in-place patches (ComfyUI's) do not crash
 
 
 def to_diffusers(sd):
