@@ -88,7 +88,8 @@ def dit_row(path, device, px, reference=None):
 
 
 def dequant_rows(device, shape):
-    """Each GGUF format's decode of a (rows, cols) weight: Triton and twin, ms and GB/s written (bf16)."""
+    """Each GGUF format's decode of a (rows, cols) weight, and fp8 x scale: Triton and twin, ms and GB/s
+    written (bf16)."""
     rows = []
     for fmt, (qk, size) in FORMATS.items():
         n_blocks = shape[0] * shape[1] // qk
@@ -107,6 +108,16 @@ def dequant_rows(device, shape):
             row["triton_ms"] = round(time_ms(tri, device), 3)
             row["triton_GBps"] = round(n_blocks * qk * 2 / row["triton_ms"] / 1e6, 1)
         rows.append(row)
+    data, scale = torch.randn(shape, device=device).to(torch.float8_e4m3fn), torch.tensor(0.01, device=device)
+    row = dict(format="fp8_e4m3fn x scale", shape=list(shape))
+    twin = lambda: K.dequantize_fp8_torch(data, scale, torch.bfloat16)  # noqa: E731
+    row["torch_ms"] = round(time_ms(twin, device), 3)
+    if K.HAS_TRITON and device.type == "cuda":
+        tri = lambda: K.dequantize_fp8_triton(data, scale, torch.bfloat16)  # noqa: E731
+        row["triton_equals_twin"] = bool(torch.equal(tri(), twin()))
+        row["triton_ms"] = round(time_ms(tri, device), 3)
+        row["triton_GBps"] = round(data.numel() * 2 / row["triton_ms"] / 1e6, 1)
+    rows.append(row)
     return rows
 
 

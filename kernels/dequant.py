@@ -1,5 +1,5 @@
-"""GGUF block formats -> floats: Q8_0, Q5_0, Q4_0 (blocks of 32) and Q4_K, Q5_K, Q6_K (super-blocks of 256).
-Triton kernel + PyTorch twin.
+"""Stored weights -> floats: GGUF block formats Q8_0, Q5_0, Q4_0 (blocks of 32) and Q4_K, Q5_K, Q6_K
+(super-blocks of 256), and scaled fp8 (fp8 x a float32 scale per tensor or per row). Triton kernels + PyTorch twins.
 
 A quantized tensor is a run of fixed-size byte blocks, each decoding to BLOCK consecutive values of a row
 (rows are the last dimension; a row holds whole blocks). Layouts, as ggml defines them (d, dmin: float16;
@@ -15,6 +15,7 @@ all multi-byte values little-endian):
                 of byte 32*g + r%32 at shift 2*(r//32)                           x = d * sc[i//16] * (q - 32)
 The Triton kernel decodes BLOCKS blocks per program, every value from a gather of the bytes it needs
 (memory-bound: it writes 2-4x the bytes it reads). The twin is plain tensor arithmetic (any device).
+The fp8 kernel is one pass (1 byte read, 2 written per bf16 value) where the twin's float32 product makes four.
 """
 import torch
 
@@ -143,3 +144,53 @@ def dequantize_blocks(data, fmt, dtype=torch.float32):
     if use_triton(data):
         return dequantize_blocks_triton(data, fmt, dtype)
     return dequantize_blocks_torch(data, fmt, dtype)
+
+
+def dequantize_fp8_torch(data, scale, dtype=torch.float32):
+    """Twin: fp8 `data` (rows, ...) times `scale` (None: 1; one float32, or one per row) in float32 -> dtype."""
+    if scale is None:
+        return data.to(dtype)
+    return (data.float() * scale.float().reshape(-1, *[1] * (data.ndim - 1))).to(dtype)
+
+
+if HAS_TRITON:
+    @triton.jit(**size_free(sizes=["n", "cols"]))
+    def _fp8_kernel(src, scale, out, n, cols, E5M2: tl.constexpr, SCALED: tl.constexpr, PER_ROW: tl.constexpr,
+                    BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = i < n
+        b = tl.load(src + i, mask=live, other=0)
+        if E5M2:
+            x = b.to(tl.float8e5, bitcast=True).to(tl.float32)
+        else:
+            x = b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        if SCALED:
+            if PER_ROW:
+                x = x * tl.load(scale + i // cols, mask=live, other=1.0)
+            else:
+                x = x * tl.load(scale)
+        tl.store(out + i, x.to(out.dtype.element_ty), mask=live)
+
+
+def dequantize_fp8_triton(data, scale, dtype=torch.float32, block=1024):
+    if data.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise ValueError(f"fp8 dequantization needs float8_e4m3fn or float8_e5m2 data, got {data.dtype}")
+    data = data.contiguous()
+    n, rows = data.numel(), data.shape[0] if data.ndim else 1
+    if scale is not None:
+        scale = scale.to(data.device, torch.float32).contiguous()
+        if scale.numel() not in (1, rows):
+            raise ValueError(f"fp8 scale must be one value or one per row ({rows}), got {scale.numel()}")
+    out = torch.empty(data.shape, dtype=dtype, device=data.device)
+    _fp8_kernel[(triton.cdiv(n, block),)](
+        data.view(torch.uint8), out if scale is None else scale, out, n, max(n // rows, 1),
+        E5M2=data.dtype == torch.float8_e5m2, SCALED=scale is not None,
+        PER_ROW=scale is not None and scale.numel() > 1, BLOCK=block)
+    return out
+
+
+def dequantize_fp8(data, scale, dtype=torch.float32):
+    """fp8 weight (rows, ...) x scale (None, one float32, or one per row) -> data's shape in dtype."""
+    if use_triton(data):
+        return dequantize_fp8_triton(data, scale, dtype)
+    return dequantize_fp8_torch(data, scale, dtype)

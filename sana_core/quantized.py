@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoints import CheckpointError, load_weights
-from .kernels import dequantize_blocks
+from .kernels import dequantize_blocks, dequantize_fp8
 from .kernels.dequant import FORMATS as GGUF_FORMATS
 
 log = logging.getLogger(__name__)
@@ -54,13 +54,10 @@ class QuantizedTensor:
 
 def dequantize(data, qtype, shape, dtype, scale=None, device=None) -> torch.Tensor:
     """The float tensor of `shape` that a stored form encodes, in dtype on device (default: data's);
-    computed in float32 where a scale multiplies (ComfyUI multiplies in the compute dtype)."""
+    fp8 x scale is computed in float32 (ComfyUI multiplies in the compute dtype, rounding the scale)."""
     data = data.to(device or data.device, non_blocking=True)
     if qtype in FP8:
-        if scale is None:
-            return data.to(dtype)
-        scale = scale.to(data.device, torch.float32)
-        return (data.float() * scale.reshape(-1, *[1] * (len(shape) - 1))).to(dtype)
+        return dequantize_fp8(data, None if scale is None else scale.to(data.device), dtype)
     return dequantize_blocks(data, qtype, dtype).reshape(shape)
 
 
