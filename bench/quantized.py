@@ -9,7 +9,7 @@ load_transformer and times it. The files are deleted afterwards. Without the `gg
 rows and the dequantization table run.
 
     python3 bench/quantized.py                                  # GPU: 1.6B at 1024 px, prints a table + JSON
-    python3 bench/quantized.py --variant sana-1.6b --px 4096
+    python3 bench/quantized.py --variant sana-1.6b --px 4096 --formats fp8,q8_0
     python3 bench/quantized.py --tiny --device cpu              # a dry run: tiny model on the CPU (seconds)
 """
 import argparse
@@ -90,34 +90,24 @@ def dit_row(path, device, px, reference=None):
 def dequant_rows(device, shape):
     """Each GGUF format's decode of a (rows, cols) weight, and fp8 x scale: Triton and twin, ms and GB/s
     written (bf16)."""
-    rows = []
+    cases = []
     for fmt, (qk, size) in FORMATS.items():
-        n_blocks = shape[0] * shape[1] // qk
-        data = torch.randint(0, 256, (n_blocks, size), dtype=torch.uint8, device=device)
-        data[:, :2] = torch.tensor([0x00, 0x20], dtype=torch.uint8, device=device)  # d = 2^-7 (float16 0x2000)
-        if fmt in ("Q4_K", "Q5_K"):
-            data[:, 2:4] = data[:, :2]
-        if fmt == "Q6_K":
-            data[:, 208:210] = data[:, :2]
-        row = dict(format=fmt, shape=list(shape))
-        twin = lambda: K.dequantize_blocks_torch(data, fmt, torch.bfloat16)  # noqa: E731
-        row["torch_ms"] = round(time_ms(twin, device), 3)
+        data = torch.randint(0, 256, (shape[0] * shape[1] // qk, size), dtype=torch.uint8, device=device)
+        for offset in {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}.get(fmt, (0,)):  # d, dmin = 2^-7
+            data[:, offset:offset + 2] = torch.tensor([0x00, 0x20], dtype=torch.uint8, device=device)
+        cases.append((fmt, lambda d=data, f=fmt: K.dequantize_blocks_torch(d, f, torch.bfloat16),
+                      lambda d=data, f=fmt: K.dequantize_blocks_triton(d, f, torch.bfloat16)))
+    data, scale = torch.randn(shape, device=device).to(torch.float8_e4m3fn), torch.tensor(0.01, device=device)
+    cases.append(("fp8_e4m3fn x scale", lambda: K.dequantize_fp8_torch(data, scale, torch.bfloat16),
+                  lambda: K.dequantize_fp8_triton(data, scale, torch.bfloat16)))
+    rows = []
+    for name, twin, tri in cases:
+        row = dict(format=name, shape=list(shape), torch_ms=round(time_ms(twin, device), 3))
         if K.HAS_TRITON and device.type == "cuda":
-            tri = lambda: K.dequantize_blocks_triton(data, fmt, torch.bfloat16)  # noqa: E731
             row["triton_equals_twin"] = bool(torch.equal(tri(), twin()))
             row["triton_ms"] = round(time_ms(tri, device), 3)
-            row["triton_GBps"] = round(n_blocks * qk * 2 / row["triton_ms"] / 1e6, 1)
+            row["triton_GBps"] = round(shape[0] * shape[1] * 2 / row["triton_ms"] / 1e6, 1)
         rows.append(row)
-    data, scale = torch.randn(shape, device=device).to(torch.float8_e4m3fn), torch.tensor(0.01, device=device)
-    row = dict(format="fp8_e4m3fn x scale", shape=list(shape))
-    twin = lambda: K.dequantize_fp8_torch(data, scale, torch.bfloat16)  # noqa: E731
-    row["torch_ms"] = round(time_ms(twin, device), 3)
-    if K.HAS_TRITON and device.type == "cuda":
-        tri = lambda: K.dequantize_fp8_triton(data, scale, torch.bfloat16)  # noqa: E731
-        row["triton_equals_twin"] = bool(torch.equal(tri(), twin()))
-        row["triton_ms"] = round(time_ms(tri, device), 3)
-        row["triton_GBps"] = round(data.numel() * 2 / row["triton_ms"] / 1e6, 1)
-    rows.append(row)
     return rows
 
 
@@ -133,6 +123,8 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="a tiny model (dry runs on the CPU)")
     ap.add_argument("--px", type=int, help="image side (default 1024; 256 with --tiny)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--formats", default=",".join(FORMATS_WRITTEN),
+                    help="comma-separated, of fp8,q8_0,q5_0,q4_0 (GGUF ones need the gguf package)")
     args = ap.parse_args()
     device = torch.device(args.device)
     cfg = TINY if args.tiny else CONFIGS[args.variant]
@@ -144,7 +136,7 @@ def main():
         from safetensors.torch import save_file
         save_file(random_state_dict(cfg, dtype=torch.bfloat16), source, metadata=config_metadata(cfg))
         has_gguf = importlib.util.find_spec("gguf") is not None
-        written = [f for f in FORMATS_WRITTEN if has_gguf or f == "fp8"]
+        written = [f for f in args.formats.split(",") if has_gguf or f == "fp8"]
         files, quantize_s = {}, {}
         for fmt in written:
             files[fmt] = Path(d) / f"sana_{fmt}.{'safetensors' if fmt == 'fp8' else 'gguf'}"
