@@ -1,12 +1,12 @@
 """Quantized DiT weights against bf16, side by side from one run: file size, load time, resident weight
 memory, one DiT step (CFG batch of 2, caption side precomputed, eager) and the step's relative error
-against the bf16 model; then the GGUF dequantization of one Mix-FFN weight, Triton kernel against its
-PyTorch twin, per block format.
+against the bf16 model; then the dequantization of one Mix-FFN weight (each GGUF block format, fp8 x
+scale), Triton kernel against its PyTorch twin.
 
 Writes a random full-size checkpoint (bf16, original names) in a temporary folder, quantizes it with
-quantize_checkpoint (`python -m sana_core quantize`: fp8 = ComfyUI's scaled fp8, q8_0 and q4_0 = GGUF), loads each file with
-load_transformer and times it. The files are deleted afterwards. Without the `gguf` package only the fp8
-rows and the dequantization table run.
+quantize_checkpoint (`python -m sana_core quantize`: fp8 = ComfyUI's scaled fp8, q8_0 and q4_0 = GGUF),
+loads each file with load_transformer and times it. The files are deleted afterwards. Without the `gguf`
+package only the fp8 rows and the dequantization table run.
 
     python3 bench/quantized.py                                  # GPU: 1.6B at 1024 px, prints a table + JSON
     python3 bench/quantized.py --variant sana-1.6b --px 4096 --formats fp8,q8_0
@@ -30,7 +30,8 @@ from sana_core import kernels as K  # noqa: E402
 from sana_core.kernels.dequant import FORMATS  # noqa: E402
 from sana_core.quantized import quantization_summary  # noqa: E402
 from sana_core.quantized_files import quantize_checkpoint  # noqa: E402
-from sana_core.transformer import CONFIGS, SanaConfig, config_metadata, load_transformer, random_state_dict  # noqa: E402
+from sana_core.transformer import (CONFIGS, SanaConfig, config_metadata, load_transformer,  # noqa: E402
+                                   random_state_dict)
 
 TINY = SanaConfig(depth=2, width=256, caption_dim=64, self_heads=8, cross_heads=2, mlp_hidden=640)
 FORMATS_WRITTEN = ("fp8", "q8_0", "q4_0")

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 from .checkpoints import CheckpointError, load_weights
 from .kernels import dequantize_blocks, dequantize_fp8
-from .kernels.dequant import FORMATS as GGUF_FORMATS
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ Both files name the tool and format in their metadata.
 """
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from .checkpoints import CheckpointError, read_checkpoint
-from .quantized import FP8, GGUF_FORMATS, QUANTIZATION_KEY, QuantizedTensor
+from .kernels.dequant import FORMATS as GGUF_FORMATS
+from .quantized import FP8, QUANTIZATION_KEY, QuantizedTensor
 
 TOOL = "comfyui-sana sana_core.quantize"
 WRITE_FORMATS = ("fp8", "q8_0", "q5_0", "q4_0")

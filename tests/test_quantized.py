@@ -322,7 +322,8 @@ def test_k_quant_files_compute_what_gguf_decodes(tmp_path, fmt):
     sd = random_state_dict(WIDE)
     tensors, shapes = gguf_tensors(sd, lambda n, t: fmt if is_matrix(n, t) else None, "model.diffusion_model.")
     tensors = {k: (a.astype(np.float16) if a.dtype == np.float32 else a, q) for k, (a, q) in tensors.items()}
-    path = write_gguf(tmp_path / "wide.gguf", tensors, shapes, metadata={"sana.config": config_metadata(WIDE)["config"]})
+    meta = {"sana.config": config_metadata(WIDE)["config"]}
+    path = write_gguf(tmp_path / "wide.gguf", tensors, shapes, metadata=meta)
     model = load_transformer(path, **CPU)
     assert quantization_summary(model) == {fmt: len(MATRICES)}
     ref = {k[len("model.diffusion_model."):]: v for k, v in decoded(path).items()}
