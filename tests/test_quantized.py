@@ -163,6 +163,19 @@ def test_triton_kernel_equals_its_twin(fmt, dtype, monkeypatch):
         assert torch.equal(ours, K.dequantize_blocks_torch(data, fmt, dtype))
 
 
+@pytest.mark.skipif(not RUNS_TRITON, reason="Triton missing, or no GPU and no TRITON_INTERPRET=1")
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("scale", ["none", "tensor", "row"])
+def test_fp8_kernel_equals_its_twin(fp8, scale):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    data = (torch.randn(37, 3, 1, 1, device=device) * 30).to(fp8)  # a 1x1 conv weight; a partial program
+    s = {"none": None, "tensor": torch.tensor(0.013), "row": torch.rand(37) + 0.5}[scale]
+    for dtype in (torch.float32, torch.float16):
+        ours = K.dequantize_fp8_triton(data, s, dtype)
+        assert ours.shape == data.shape and ours.dtype == dtype
+        assert torch.equal(ours, K.dequantize_fp8_torch(data, None if s is None else s.to(device), dtype))
+
+
 # ----------------------------------------------------------------------------- written by our writer
 
 @pytest.fixture(scope="module")
@@ -525,15 +538,3 @@ def test_generate_with_quantized_transformers(tmp_path):
             image = generate(quantized, tmp_path / f"{kind}_{fmt}.png")
             assert np.abs(image - reference).mean() < tolerance
 
-
-@pytest.mark.skipif(not RUNS_TRITON, reason="Triton missing, or no GPU and no TRITON_INTERPRET=1")
-@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
-@pytest.mark.parametrize("scale", ["none", "tensor", "row"])
-def test_fp8_kernel_equals_its_twin(fp8, scale):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    data = (torch.randn(37, 3, 1, 1, device=device) * 30).to(fp8)  # a 1x1 conv weight; a partial program
-    s = {"none": None, "tensor": torch.tensor(0.013), "row": torch.rand(37) + 0.5}[scale]
-    for dtype in (torch.float32, torch.float16):
-        ours = K.dequantize_fp8_triton(data, s, dtype)
-        assert ours.shape == data.shape and ours.dtype == dtype
-        assert torch.equal(ours, K.dequantize_fp8_torch(data, None if s is None else s.to(device), dtype))
