@@ -12,6 +12,8 @@ Under TRITON_INTERPRET=1 the forced "triton" backend also runs on CPU tensors (t
     gated_residual_adaln(x, y, gate, shift, scale, eps=1e-6)          (x + gate * y, adaln of it)
     channel_rms_norm(x, weight, bias, eps=1e-5, *, residual=None, relu=False, out=None)
                             DC-AE RMSNorm over C of (B, C, H, W), + residual, ReLU; in place (or into out)
+    dequantize_blocks(data, fmt, dtype=torch.float32)                 GGUF Q8_0 ... Q6_K blocks (uint8) -> flat values
+    dequantize_fp8(data, scale, dtype=torch.float32)                  fp8 x per-tensor / per-row scale -> dtype
 """
 import inspect
 import os
@@ -90,3 +92,5 @@ from .mix_ffn import depthwise_conv_glu, depthwise_conv_glu_torch, depthwise_con
 from .adaln import (adaln, adaln_torch, adaln_triton,  # noqa: E402
                     gated_residual_adaln, gated_residual_adaln_torch, gated_residual_adaln_triton)
 from .rms_norm import channel_rms_norm, channel_rms_norm_torch, channel_rms_norm_triton  # noqa: E402
+from .dequant import (dequantize_blocks, dequantize_blocks_torch, dequantize_blocks_triton,  # noqa: E402
+                      dequantize_fp8, dequantize_fp8_torch, dequantize_fp8_triton)

@@ -1,6 +1,7 @@
 """Command line: python -m sana_core generate --prompt ... --transformer FILE --vae FILE
 --text-encoder PATH --out image.png [options]. Bad input (missing file, wrong file, bad size)
-exits with status 2 and a one-line message; the seed and settings go into the PNG's text chunks."""
+exits with status 2 and a one-line message; the seed and settings go into the PNG's text chunks.
+python -m sana_core quantize IN OUT --format fp8|q8_0|q5_0|q4_0 writes a quantized DiT file."""
 import argparse
 import json
 import sys
@@ -35,6 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--denoise", type=float, default=None, help="image-to-image strength (default 0.6 with --image)")
     g.add_argument("--dtype", choices=tuple(DTYPES), default="auto", help="default: bf16 on a GPU, fp32 on the CPU")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: the GPU if there is one)")
+    q = commands.add_parser("quantize", help="write a DiT checkpoint as fp8 or GGUF",
+                            description="Write a bf16/fp16/fp32 SANA DiT checkpoint (any layout) with the blocks' "
+                                        "Linear and 1x1-conv weights quantized: fp8 = ComfyUI's scaled fp8 "
+                                        "(.safetensors), q8_0 / q5_0 / q4_0 = GGUF (.gguf).")
+    q.add_argument("source", type=Path, help="DiT file or diffusers folder")
+    q.add_argument("out", type=Path, help="file to write: .safetensors for fp8, .gguf for the others")
+    q.add_argument("--format", required=True, choices=("fp8", "q8_0", "q5_0", "q4_0"))
+    q.add_argument("--resolution", type=int, choices=(2048, 4096),
+                   help="for 2K/4K models whose file does not tell (stored in the output's metadata)")
     return parser
 
 
@@ -46,7 +56,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoints import CheckpointError
     try:
-        return generate(args)
+        return quantize(args) if args.command == "quantize" else generate(args)
     except (UserError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -108,6 +118,15 @@ def generate(args) -> int:
         path = args.out if len(images) == 1 else args.out.with_name(f"{args.out.stem}_{index + 1}{args.out.suffix}")
         save_png(image, path, dict(record, batch_index=index, batch_size=len(images)))
         print(path)
+    return 0
+
+
+def quantize(args) -> int:
+    if not args.source.exists():
+        raise UserError(f"no such file or folder: {args.source}")
+    from .quantized_files import quantize_checkpoint
+    hints = {} if args.resolution is None else {"resolution": args.resolution}
+    print(json.dumps(quantize_checkpoint(args.source, args.out, args.format, **hints)))
     return 0
 
 

@@ -142,8 +142,9 @@ def load_weights(model: torch.nn.Module, tensors: dict, *, device, dtype, keep_f
     """Fill a model built on the meta device with `tensors`, each moved straight to
     `device` and `dtype` (fp8 is upcast), one at a time. Names must match exactly:
     missing or unexpected keys are an error naming them. Parameters whose name contains
-    one of `keep_fp32` stay float32; those whose name starts with one of `on_cpu` go to the CPU."""
-    expected = dict(model.state_dict(keep_vars=True))
+    one of `keep_fp32` stay float32; those whose name starts with one of `on_cpu` go to the CPU.
+    Tensors already off the meta device (quantized layers' stored weights) are left as they are."""
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if v.is_meta}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:

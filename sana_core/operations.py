@@ -21,6 +21,15 @@ def reads_weights_directly(layer: torch.nn.Module) -> bool:
                 or getattr(layer, "bias_function", None))
 
 
+def matmul_weight(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The weight code may multiply x by itself (the Mix-FFN's 1x1 convs run as matmuls), or None when the
+    layer must be called instead: a quantized layer's weight dequantized into x's dtype and device (its
+    weight functions applied: sana_core.quantized), a plain layer's parameter as it is."""
+    if hasattr(layer, "dequantized_weight"):
+        return layer.dequantized_weight(x.dtype, x.device)
+    return layer.weight if reads_weights_directly(layer) else None
+
+
 def cast_like(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A plain parameter on x's device in x's dtype (itself when it already is)."""
     return param.to(device=x.device, dtype=x.dtype)

@@ -19,10 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoints import (CheckpointError, default_device, default_dtype, describe, guess_component,
-                          load_weights, read_checkpoint, strip_prefix)
+from .checkpoints import CheckpointError, default_device, default_dtype, describe, guess_component, strip_prefix
 from .kernels import adaln, depthwise_conv_glu, gated_residual_adaln, linear_attention  # Triton on CUDA, else twins
-from .operations import cast_like, reads_weights_directly
+from .operations import cast_like, matmul_weight, reads_weights_directly
+from .quantized import cat_rows, load_quantized_weights  # quantized weights (GGUF, fp8)
+from .quantized_files import read_quantized_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -246,11 +247,12 @@ class MixFFN(nn.Module):
 
     def forward(self, x, h, w):  # (B, N, C)
         inv, depth, point = self.inverted_conv.conv, self.depth_conv.conv, self.point_conv.conv
-        if not all(map(reads_weights_directly, (inv, depth, point))):
+        inv_weight, point_weight = matmul_weight(inv, x), matmul_weight(point, x)
+        if inv_weight is None or point_weight is None or not reads_weights_directly(depth):
             return self._through_layers(x, h, w)
-        x = F.silu(F.linear(x, inv.weight.flatten(1), inv.bias), inplace=True)  # (B, N, 2H)
+        x = F.silu(F.linear(x, inv_weight.flatten(1), inv.bias), inplace=True)  # (B, N, 2H)
         x = depthwise_conv_glu(x, depth.weight, depth.bias, h, w)  # (B, N, H)
-        return F.linear(x, point.weight.flatten(1))  # (B, N, C)
+        return F.linear(x, point_weight.flatten(1))  # (B, N, C)
 
     def _through_layers(self, x, h, w):  # the same function, each conv called as a layer on the (B, C, h, w) grid
         x = F.silu(self.inverted_conv.conv(x.transpose(1, 2).unflatten(2, (h, w))))  # (B, 2H, h, w)
@@ -497,7 +499,7 @@ class FusedTensors(Mapping):
 
     def __getitem__(self, name):
         parts = [self.tensors[s] for s in self.sources[name]]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return parts[0] if len(parts) == 1 else cat_rows(parts)  # torch.cat, quantized parts too
 
     def __iter__(self):
         return iter(self.sources)
@@ -649,7 +651,7 @@ def load_transformer(path, *, dtype=None, device=None, **hints) -> SanaTransform
         path = path / "transformer"  # a diffusers pipeline folder
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    tensors, metadata = read_checkpoint(path, weight_names=("diffusion_pytorch_model", "model"))
+    tensors, metadata = read_quantized_checkpoint(path, weight_names=("diffusion_pytorch_model", "model"))
     tensors = strip_prefix(tensors, PREFIXES)
     kind = guess_component(tensors)
     if kind != "transformer":
@@ -672,7 +674,7 @@ def load_transformer(path, *, dtype=None, device=None, **hints) -> SanaTransform
     with torch.device("meta"):
         model = SanaTransformer(config, dtype=dtype)
     try:
-        return load_weights(model, tensors, device=device, dtype=dtype)
+        return load_quantized_weights(model, tensors, metadata, device=device, dtype=dtype)  # else load_weights
     except CheckpointError as e:
         raise CheckpointError(f"{path.name} (detected {config.variant}): {e}") from None
 
