@@ -24,6 +24,7 @@ def main():
     ap.add_argument("--px", type=int, default=1024)
     ap.add_argument("--blocks", type=int, default=7, help="copied blocks of the ControlNet")
     args = ap.parse_args()
+    torch.set_grad_enabled(False)  # as sampling runs: graphs are captured only without autograd
     if args.tiny:
         os.environ["BENCH_DEVICE"] = "cpu"  # read when bench is imported
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
