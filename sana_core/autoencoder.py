@@ -810,7 +810,7 @@ def load_autoencoder(path, *, dtype=None, device=None) -> DCAE:
         path = path / "vae"  # a whole diffusers pipeline folder
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    tensors, metadata = read_checkpoint(path, weight_names=("diffusion_pytorch_model", "model"))
+    tensors, metadata = read_checkpoint(path, weight_names=("diffusion_pytorch_model", "model"), dtype=dtype)
     tensors = strip_prefix(tensors, ("first_stage_model.", "vae.", "model.", "module."))
     kind = guess_component(tensors)
     model_tensors = to_model_names(tensors) if kind == "autoencoder" else {}

@@ -623,7 +623,7 @@ def load_transformer(path, *, dtype=None, device=None, **hints) -> SanaTransform
         path = path / "transformer"  # a diffusers pipeline folder
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    tensors, metadata = read_checkpoint(path, weight_names=("diffusion_pytorch_model", "model"))
+    tensors, metadata = read_checkpoint(path, weight_names=("diffusion_pytorch_model", "model"), dtype=dtype)
     tensors = strip_prefix(tensors, PREFIXES)
     kind = guess_component(tensors)
     if kind != "transformer":

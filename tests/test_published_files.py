@@ -3,12 +3,15 @@ converter scripts (scripts/convert_dcae_to_diffusers.py, scripts/convert_sana_to
 down, saved with save_pretrained, then config.json patched where the published files differ from what
 today's diffusers writes (the DC-AE's "Conv"; keys older diffusers releases did not write)."""
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from conftest import rel_err
-from sana_core import load_autoencoder, load_transformer
+from sana_core import CheckpointError, load_autoencoder, load_transformer
+from sana_core.autoencoder import to_diffusers_names
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -123,3 +126,108 @@ def test_sprint_guidance_embeds_scale_is_read_and_its_timestep_scale_unused(tmp_
     assert model.config.guidance_embeds_scale == guidance_embeds_scale
     ours, theirs = velocities(model, ref, guidance_scale=guidance_embeds_scale)
     assert rel_err(ours, theirs) < 1e-4
+
+
+# ----------------------------------------------------------------------------- variant files, legacy .pth
+
+@pytest.fixture(scope="module")
+def dcae_sets(tmp_path_factory):
+    """Two different random DC-AEs: the plain fp32 weights (sharded, with an index) and a bf16 variant, so that
+    a test can tell which set was read."""
+    root = tmp_path_factory.mktemp("variants")
+    torch.manual_seed(0)
+    plain = diffusers.AutoencoderDC(**DCAE_SANA).eval()
+    plain.save_pretrained(root / "plain", max_shard_size="200KB")
+    torch.manual_seed(1)
+    variant = diffusers.AutoencoderDC(**DCAE_SANA).to(torch.bfloat16).eval()
+    variant.save_pretrained(root / "bf16", variant="bf16")
+    return root, plain, variant
+
+
+def folder_of(root, name, *, plain=True, bf16=True, drop_shard=False, extra=()):
+    folder = root / name
+    folder.mkdir()
+    shutil.copy(root / "plain" / "config.json", folder)
+    if plain:
+        for f in (root / "plain").glob("diffusion_pytorch_model*"):
+            shutil.copy(f, folder)
+        if drop_shard:
+            next(folder.glob("diffusion_pytorch_model-00002-of-*.safetensors")).unlink()
+    if bf16:
+        shutil.copy(root / "bf16" / "diffusion_pytorch_model.bf16.safetensors", folder)
+    for file_name in extra:
+        save_file({"decoder.conv_in.weight": torch.zeros(4, 4, dtype=torch.uint8)}, folder / file_name)
+    return folder
+
+
+def weights_of(model, ref):
+    """Whether `model` (ours) holds exactly `ref`'s weights (diffusers)."""
+    ours, theirs = to_diffusers_names(model.state_dict()), ref.state_dict()
+    return set(ours) == set(theirs) and all(torch.equal(ours[k].float(), theirs[k].float()) for k in theirs)
+
+
+def test_variant_matching_the_dtype_else_the_plain_set_never_a_merge(dcae_sets):
+    root, plain, variant = dcae_sets
+    folder = folder_of(root, "both")
+    assert weights_of(load_autoencoder(folder, device="cpu", dtype=torch.bfloat16), variant)
+    assert weights_of(load_autoencoder(folder, device="cpu", dtype=torch.float32), plain)
+    assert weights_of(load_autoencoder(folder, device="cpu", dtype=torch.float16), plain.half())
+
+
+def test_only_the_bf16_file_downloaded_loads_converted(dcae_sets):
+    root, plain, variant = dcae_sets
+    model = load_autoencoder(folder_of(root, "bf16-only", plain=False), device="cpu", dtype=torch.float32)
+    assert model.dtype == torch.float32 and weights_of(model, variant)
+
+
+def test_an_index_with_missing_shards_is_skipped_with_a_note(dcae_sets, caplog):
+    root, plain, variant = dcae_sets
+    folder = folder_of(root, "missing-shard", drop_shard=True)
+    assert weights_of(load_autoencoder(folder, device="cpu", dtype=torch.float32), variant)
+    assert "diffusion_pytorch_model-00002-of-" in caplog.text and "skipped" in caplog.text
+    alone = folder_of(root, "missing-shard-alone", drop_shard=True, bf16=False)
+    with pytest.raises(CheckpointError, match="no complete set.*missing diffusion_pytorch_model-00002-of-"):
+        load_autoencoder(alone, device="cpu")
+
+
+def test_an_int4_file_alone_is_a_clear_error(dcae_sets):
+    root, *_ = dcae_sets
+    folder = folder_of(root, "int4", plain=False, bf16=False, extra=["diffusion_pytorch_model.int4.safetensors"])
+    with pytest.raises(CheckpointError, match=r"only diffusion_pytorch_model\.int4\.safetensors.*bf16"):
+        load_autoencoder(folder, device="cpu")
+    both = folder_of(root, "int4-and-bf16", plain=False, extra=["diffusion_pytorch_model.int4.safetensors"])
+    assert load_autoencoder(both, device="cpu").dtype == torch.float32  # the float variant is taken
+
+
+@pytest.fixture(scope="module")
+def dcae_state(dcae_sets):
+    return {k: v.clone() for k, v in dcae_sets[1].state_dict().items()}
+
+
+def test_legacy_pth_of_tensors_loads(dcae_sets, dcae_state, tmp_path):
+    torch.save({"state_dict": dcae_state}, tmp_path / "dcae.pth", _use_new_zipfile_serialization=False)
+    assert weights_of(load_autoencoder(tmp_path / "dcae.pth", device="cpu"), dcae_sets[1])
+
+
+def test_damaged_pth_says_download_it_again(dcae_state, tmp_path):
+    for legacy in (False, True):
+        path = tmp_path / f"dcae-{legacy}.pth"
+        torch.save(dcae_state, path, _use_new_zipfile_serialization=not legacy)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        with pytest.raises(CheckpointError, match="damaged or incomplete.*download it again"):
+            load_autoencoder(path, device="cpu")
+
+
+class Payload:
+    def __reduce__(self):
+        return print, ("code ran",)
+
+
+def test_pth_with_objects_says_so_and_never_suggests_unsafe_loading(dcae_state, tmp_path, capsys):
+    for legacy in (False, True):
+        path = tmp_path / f"objects-{legacy}.pth"
+        torch.save({"state_dict": dcae_state, "trainer": Payload()}, path, _use_new_zipfile_serialization=not legacy)
+        with pytest.raises(CheckpointError, match="holds Python objects or code besides tensors") as error:
+            load_autoencoder(path, device="cpu")
+        assert "weights_only" not in str(error.value) and "print" in str(error.value)
+    assert "code ran" not in capsys.readouterr().out
