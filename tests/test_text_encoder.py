@@ -300,3 +300,17 @@ def test_wrong_component(tmp_path, keys, looks):
 def test_bad_instruction_type(encoders):
     with pytest.raises(TypeError, match="instruction must be"):
         encoders["single"].encode("a cat", instruction=3)
+
+
+def test_empty_prompt_encodes_as_diffusers_negative_prompt(gemma, encoders):
+    """The usual ComfyUI negative: empty text at default settings (instruction on) must not raise; it is
+    diffusers' negative_prompt="" embedding (no instruction, 300 tokens), alone or in a batch."""
+    _, _, ref_emb, ref_mask = gemma["pipe"].encode_prompt(["x"], negative_prompt="", device="cpu",
+                                                          complex_human_instruction=None)
+    te = encoders["single"]
+    for instruction in (True, "sana-diffusers", False):
+        assert_same(te.encode("  ", instruction=instruction), (ref_emb, ref_mask))
+    mixed = te.encode([PROMPTS[0], ""], instruction="sana-diffusers")
+    with_chi = diffusers_encode(gemma["pipe"], PROMPTS[:1], list(INSTRUCTIONS["sana-diffusers"]))
+    assert_same((mixed[0][:1], mixed[1][:1]), with_chi)
+    assert_same((mixed[0][1:], mixed[1][1:]), (ref_emb, ref_mask))
