@@ -172,7 +172,7 @@ def test_text_encode_gives_standard_conditioning(loaded, local):
     assert emb.shape == (1, 300, 64) and extra["attention_mask"].shape == (1, 300)
     assert extra["attention_mask"][0, 0] == 1 and extra["attention_mask"].sum() < 300  # right padding
     assert emb.device == torch.device("cpu")
-    (empty, extra), = run(SanaTextEncode, text_encoder=loaded["encoder"], text="  ", instruction=True)
+    ((empty, _),), = run(SanaTextEncode, text_encoder=loaded["encoder"], text="  ", instruction=True)
     assert torch.equal(empty, loaded["negative"][0][0])  # empty text at default settings: the usual negative
 
 
