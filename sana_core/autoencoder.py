@@ -370,10 +370,11 @@ class Decoder(nn.Module):
             lo, hi = (lo - 1, hi + 1) if op == "conv" else (lo // 2, hi // 2)
         self.local_halo = max(-lo, hi)             # SANA: 7 (56 output pixels)
 
-    def forward(self, z):  # (B, 32, h, w) unscaled latent -> (B, 3, 32h, 32w)
-        return self.local_stages(self.global_stages(z))
+    def forward(self, z, between=None):  # (B, 32, h, w) unscaled latent -> (B, 3, 32h, 32w)
+        return self.local_stages(self.global_stages(z, between), between)
 
-    def global_stages(self, z):  # -> (B, widths[first_global], ...) features of the first global stage
+    def global_stages(self, z, between=None):  # -> (B, widths[first_global], ...) features of the first global stage
+        """between: called after each stage (e.g. a Cancel check that raises)."""
         B, c, h, w = z.shape
         x = self.conv_in(z)
         if self.in_shortcut:
@@ -381,13 +382,17 @@ class Decoder(nn.Module):
         for i in reversed(range(self.first_global, len(self.up_blocks))):
             for block in self.up_blocks[i]:
                 x = block(x)
+            if between is not None:
+                between()
         return x
 
-    def local_stages(self, x):  # convolutions only: a tile with enough context decodes exactly
+    def local_stages(self, x, between=None):  # convolutions only: a tile with enough context decodes exactly
         x = x.contiguous(memory_format=torch.channels_last)
         for i in reversed(range(self.first_global)):
             for block in self.up_blocks[i]:
                 x = block(x)
+            if between is not None:
+                between()
         x = self.norm_out(x, relu=self.out_act == "relu")
         return self.conv_out(F.silu(x, inplace=True) if self.out_act == "silu" else x)
 
@@ -459,34 +464,42 @@ class DCAE(nn.Module):
         return latent.float().mul_(self.scaling_factor)
 
     @torch.inference_mode()
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Scaled latent (B, 32, h, w) -> images (B, 3, 32h, 32w) in [-1, 1], untiled."""
+    def decode(self, latent: torch.Tensor, *, between=None) -> torch.Tensor:
+        """Scaled latent (B, 32, h, w) -> images (B, 3, 32h, 32w) in [-1, 1], untiled. `between` is called
+        after each decoder stage of a decode too big for a CUDA graph (one replay is not interrupted),
+        e.g. a Cancel check that raises."""
         z = self._unscale(latent)
         B, _, h, w = z.shape
+        if between is not None and B * h * w > GRAPH_LATENT_PIXELS:
+            return _finish(self.decoder(z, between))
         decoder = graphs.GraphedStep(self.decoder, (), module=self.decoder, key=("decode",), tokens=B * h * w,
                                      max_tokens=GRAPH_LATENT_PIXELS)
         return _finish(decoder(z))
 
     @torch.inference_mode()
-    def decode_tiled(self, latent: torch.Tensor, tile: int = None, overlap: int = None) -> torch.Tensor:
+    def decode_tiled(self, latent: torch.Tensor, tile: int = None, overlap: int = None, *,
+                     between=None) -> torch.Tensor:
         """Like decode with bounded memory: stages 0-2 (convolutions) run on tiles of `tile` pixels
         (default DEFAULT_TILE), each reading `overlap` pixels of context on every side (default: their
         receptive field, 56 px for SANA, which makes the result equal to `decode`; less is faster and
-        leaves small differences near tile borders)."""
-        x = self.decoder.global_stages(self._unscale(latent))
-        return _finish(self._local_tiled(x, tile, overlap))
+        leaves small differences near tile borders). `between` is called after each global stage and each
+        tile (e.g. a Cancel check that raises)."""
+        x = self.decoder.global_stages(self._unscale(latent), between)
+        return _finish(self._local_tiled(x, tile, overlap, between))
 
-    def decode_auto(self, latent: torch.Tensor) -> torch.Tensor:
+    def decode_auto(self, latent: torch.Tensor, *, between=None) -> torch.Tensor:
         """decode when its estimated activations fit in free device memory, else decode_tiled with the
         biggest tile that fits (one sample at a time when the batch does not fit). CPU: untiled."""
         if self.device.type != "cuda":
-            return self.decode(latent)
+            return self.decode(latent, between=between)
         B, _, h, w = latent.shape
         free = _free_cuda_bytes(self.device)
         if B > 1 and self.activation_bytes(B, h, w) > free:
-            return torch.cat([self.decode_auto(latent[i:i + 1]) for i in range(B)])
+            return torch.cat([self.decode_auto(latent[i:i + 1], between=between) for i in range(B)])
         tile = self.auto_tile(B, h, w, free)
-        return self.decode(latent) if tile is None else self.decode_tiled(latent, tile=tile)
+        if tile is None:
+            return self.decode(latent, between=between)
+        return self.decode_tiled(latent, tile=tile, between=between)
 
     def auto_tile(self, batch: int, h: int, w: int, free_bytes: int):
         """None when decode of a (batch, 32, h, w) latent fits in free_bytes, else the biggest tile
@@ -546,7 +559,7 @@ class DCAE(nn.Module):
                              "diverged (try bfloat16 or float32 instead of float16, a lower CFG, or more steps)")
         return (latent.to(device=self.device, dtype=torch.float32) / self.scaling_factor).to(self.dtype)
 
-    def _local_tiled(self, x: torch.Tensor, tile: int = None, overlap: int = None) -> torch.Tensor:
+    def _local_tiled(self, x: torch.Tensor, tile: int = None, overlap: int = None, between=None) -> torch.Tensor:
         """decoder.local_stages(x) on tiles of x (features of the first global stage)."""
         dec = self.decoder
         f = dec.local_scale
@@ -557,7 +570,7 @@ class DCAE(nn.Module):
         tile_k, halo = tile // f, -(-overlap // f)
         B, _, H, W = x.shape
         if tile_k >= H and tile_k >= W:
-            return dec.local_stages(x)
+            return dec.local_stages(x, between)
         out = None
         for r0, r1 in _split(H, tile_k):
             for c0, c1 in _split(W, tile_k):
@@ -568,6 +581,8 @@ class DCAE(nn.Module):
                 out[:, :, r0 * f:r1 * f, c0 * f:c1 * f] = \
                     y[:, :, (r0 - a0) * f:(r1 - a0) * f, (c0 - b0) * f:(c1 - b0) * f]
                 del y
+                if between is not None:
+                    between()
         return out
 
 

@@ -405,3 +405,32 @@ def test_demo_autoencoder_makes_non_constant_images(tmp_path):
     image = model.decode(torch.randn(1, 32, 2, 2))
     assert image.shape == (1, 3, 64, 64) and image.std() > 0.05 and (image.abs() < 1).float().mean() > 0.5
     assert model.encode(image).shape == (1, 32, 2, 2)
+
+
+class Cancelled(Exception):
+    pass
+
+
+def test_cancel_stops_a_long_decode_between_stages_and_tiles(files, monkeypatch):
+    """`between` (the node passes ComfyUI's interrupt check) runs after each stage / tile; raising stops there."""
+    model = load_autoencoder(files["single"], device="cpu")
+    latent = torch.randn(1, 32, 4, 6)
+    calls = []
+    model.decode_tiled(latent, tile=48, between=lambda: calls.append(1))
+    assert len(calls) == 3 + 12  # 3 global stages, then 3 x 4 tiles
+
+    def cancel_after(n):
+        def between():
+            calls.append(1)
+            if len(calls) >= n:
+                raise Cancelled
+        return between
+    calls.clear()
+    with pytest.raises(Cancelled):
+        model.decode_tiled(latent, tile=48, between=cancel_after(5))
+    assert len(calls) == 5
+    monkeypatch.setattr(ae, "GRAPH_LATENT_PIXELS", 0)  # a decode too big for one CUDA graph replay
+    calls.clear()
+    with pytest.raises(Cancelled):
+        model.decode_auto(latent, between=cancel_after(2))
+    assert len(calls) == 2
