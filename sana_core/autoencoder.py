@@ -834,7 +834,8 @@ def load_autoencoder(path, *, dtype=None, device=None) -> DCAE:
                 "text_encoder": "load it with the Gemma text encoder loader (load_text_encoder)",
                 "autoencoder": "it is another kind of VAE (SD/SDXL/Flux style)"}.get(kind, "it is no SANA component")
         raise CheckpointError(f"{path.name} is not a DC-AE autoencoder: it holds {describe(tensors)}; {hint}. "
-                              f"SANA needs the DC-AE f32c32 (dc-ae-f32c32-sana-1.0 or -1.1) here")
+                              f"SANA needs the DC-AE f32c32 (dc-ae-f32c32-sana-1.0 or -1.1) here",
+                              found=kind if kind in ("transformer", "text_encoder") else None)
     tensors = model_tensors
     config = infer_config(tensors, metadata.get("config"), path.name)
     model = DCAE(config, dtype=dtype, device="meta")

@@ -18,7 +18,13 @@ from safetensors import safe_open
 log = logging.getLogger(__name__)
 
 class CheckpointError(ValueError):
-    """A file that is not what the loader expected; the message says what it looks like."""
+    """A file that is not what the loader expected; the message says what it looks like. For the other
+    surfaces (ComfyUI nodes) to word it their way: `found`, the component the file holds when it is another
+    one ("transformer", "autoencoder", "text_encoder"); `needs`, the loader hint the file lacks."""
+
+    def __init__(self, message: str, *, found: str = None, needs: str = None):
+        super().__init__(message)
+        self.found, self.needs = found, needs
 
 
 PTH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")

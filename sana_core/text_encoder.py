@@ -211,7 +211,8 @@ def _gemma_tensors(path: Path, tensors: dict) -> dict:
     if guess_component(tensors) != "text_encoder":
         raise CheckpointError(f"{path.name} is not a Gemma-2 text encoder: it holds {describe(tensors)}. "
                               f"Give the text encoder gemma-2-2b-it as a Hugging Face folder or a single "
-                              f".safetensors (e.g. models/text_encoders/gemma_2_2b*.safetensors)")
+                              f".safetensors (e.g. models/text_encoders/gemma_2_2b*.safetensors)",
+                              found=guess_component(tensors))
     tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
     if "embed_tokens.weight" not in tensors or "layers.0.pre_feedforward_layernorm.weight" not in tensors \
             or "layers.0.self_attn.q_norm.weight" in tensors:

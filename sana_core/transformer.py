@@ -588,13 +588,14 @@ def detect_config(tensors, settings: dict) -> SanaConfig:
     if cross_heads is None:
         raise CheckpointError(f"cannot tell the cross-attention heads of a width-{width} model (published "
                               f"widths: {', '.join(map(str, CROSS_HEADS))}): pass cross_heads=N, or store it in "
-                              f"a config.json / safetensors metadata 'config' as num_cross_attention_heads")
+                              f"a config.json / safetensors metadata 'config' as num_cross_attention_heads",
+                              needs="cross_heads")
     if width % self_heads or width % cross_heads:
         raise CheckpointError(f"width {width} is not divisible by the heads ({self_heads} self, {cross_heads} cross)")
     pe, base = settings.get("pe_interpolation"), settings.get("base_size")
     if pe is not None and base is None:
         raise CheckpointError(f"pe_interpolation={pe} needs base_size= (the latent side the model was trained "
-                              f"at: 64 for 2K models, 128 for 4K) or resolution=2048/4096")
+                              f"at: 64 for 2K models, 128 for 4K) or resolution=2048/4096", needs="base_size")
     return SanaConfig(
         depth=1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("blocks.")),
         width=width, caption_dim=tensors["y_embedder.y_proj.fc1.weight"].shape[1],
@@ -629,7 +630,8 @@ def load_transformer(path, *, dtype=None, device=None, **hints) -> SanaTransform
     if kind != "transformer":
         loader = {"autoencoder": "load_autoencoder", "text_encoder": "load_text_encoder"}.get(kind)
         raise CheckpointError(f"{path.name} is not a SANA transformer: it holds {describe(tensors)}"
-                              + (f"; load it with {loader} (the VAE / text-encoder loader)" if loader else ""))
+                              + (f"; load it with {loader} (the VAE / text-encoder loader)" if loader else ""),
+                              found=kind if loader else None)
     stale = tensors.get("pos_embed")
     tensors = {k: v for k, v in tensors.items() if not _ignored(k)}
     try:
@@ -639,7 +641,7 @@ def load_transformer(path, *, dtype=None, device=None, **hints) -> SanaTransform
         names = [path.name] if original_format and path.is_file() else []
         config = detect_config(tensors, _settings(hints, metadata, names, stale))
     except CheckpointError as e:
-        raise CheckpointError(f"{path.name}: {e}") from None
+        raise CheckpointError(f"{path.name}: {e}", found=e.found, needs=e.needs) from None
     log.info("%s: %s (pe_interpolation=%s, base_size=%s)", path.name, config.variant,
              config.pe_interpolation, config.base_size)
 
