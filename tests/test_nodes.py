@@ -152,6 +152,14 @@ def test_loaders_say_when_a_file_is_the_wrong_component_or_damaged(local, models
     (models / "vae" / DEMO["text_encoder"]).unlink()
 
 
+def test_loader_hints_a_file_lacks_are_worded_for_the_ui():
+    """The library asks for Python arguments (cross_heads=N); a ComfyUI user gets what to do instead."""
+    from sana_nodes import messages
+    error = messages.load_error(CheckpointError("... pass cross_heads=N ...", needs="cross_heads"), "transformer",
+                                "odd.safetensors")
+    assert str(error).startswith("SANA Model Loader: could not load 'odd.safetensors'") and "cross_heads" not in str(error)
+
+
 def test_loaded_models_report_their_size_and_device(loaded):
     model = loaded["model"]
     assert model.size_bytes() == sum(p.numel() * p.element_size() for p in model.model.parameters()) > 0
@@ -349,7 +357,7 @@ def test_runner_errors_are_clear(models, tmp_path, capsys):
     assert "node 8 (SanaSampler) is missing its required input 'positive' (CONDITIONING)" in attempt(missing, "--demo")
     assert "has no input 'stepz'" in attempt(workflow, "--demo", "--set", "SanaSampler.stepz=3")
     assert "takes a whole number, not 'many'" in attempt(workflow, "--demo", "--set", "SanaSampler.steps=many")
-    assert "node 7 (SanaEmptyLatent) failed: width 100 is not a positive multiple of 32" in \
+    assert "node 7 (SanaEmptyLatent) failed: SANA Empty Latent: width 100 is not a multiple of 32" in \
         attempt(workflow, "--demo", "--set", "SanaEmptyLatent.preset=custom", "--set", "SanaEmptyLatent.width=100")
     wrong_link = json.loads(json.dumps(workflow))
     wrong_link["8"]["inputs"]["latent_image"] = ["5", 0]
