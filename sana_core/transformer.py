@@ -54,7 +54,8 @@ class SanaConfig:
     base_size: int | None = None  # latent side the position embedding was trained at
     in_channels: int = 32
     out_channels: int = 32
-    timestep_scale: float = 1.0  # on the t * 1000 timestep (diffusers' SanaPipeline; Sprint: 1 / SPRINT_TIMESTEP_SCALE)
+    timestep_scale: float = 1.0  # on the t * 1000 timestep, as diffusers' SanaPipeline (Sprint: unused, its
+    # embedder sees t * 1000 / SPRINT_TIMESTEP_SCALE, as diffusers' Sprint pipeline passes t whatever the config says)
     guidance_embeds_scale: float = GUIDANCE_EMBED_SCALE  # on the guidance scale before its embedder (Sprint)
 
     @property
