@@ -238,22 +238,25 @@ def diffusers_dit(ours):
     return ref.eval().requires_grad_(False)
 
 
-def our_dcae(seed=1):
-    return randomize_(AE.DCAE(AE.FULL_CONFIG, dtype=BF16, device=DEV), seed)
+def our_dcae(seed=1, config=AE.FULL_CONFIG):
+    return randomize_(AE.DCAE(config, dtype=BF16, device=DEV), seed)
 
 
 def diffusers_dcae(ours):
     from diffusers import AutoencoderDC
     kinds = ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3
     widths, scales = [128, 256, 512, 512, 1024, 1024], [[], [], [], [5], [5], [5]]
+    decoder = dict(decoder_block_types=kinds, decoder_layers_per_block=[3] * 6, decoder_qkv_multiscales=scales,
+                   upsample_block_type="interpolate")
+    if ours.config == AE.LITE_CONFIG:  # DC-AE-Lite: the same encoder, a ResBlock decoder
+        decoder = dict(decoder_block_types="ResBlock", decoder_layers_per_block=[0, 3, 5, 4, 4, 4],
+                       decoder_qkv_multiscales=[[]] * 6, upsample_block_type="pixel_shuffle", decoder_conv_act_fn="silu")
     with torch.device(DEV), default_dtype(ours.dtype):
         ref = AutoencoderDC(in_channels=3, latent_channels=32, attention_head_dim=32, encoder_block_types=kinds,
-                            decoder_block_types=kinds, encoder_block_out_channels=widths,
-                            decoder_block_out_channels=widths, encoder_layers_per_block=[2, 2, 2, 3, 3, 3],
-                            decoder_layers_per_block=[3] * 6, encoder_qkv_multiscales=scales,
-                            decoder_qkv_multiscales=scales, downsample_block_type="conv",
-                            upsample_block_type="interpolate", decoder_norm_types="rms_norm",
-                            decoder_act_fns="silu", scaling_factor=0.41407)
+                            encoder_block_out_channels=widths, decoder_block_out_channels=widths,
+                            encoder_layers_per_block=[2, 2, 2, 3, 3, 3], encoder_qkv_multiscales=scales,
+                            downsample_block_type="conv", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                            scaling_factor=0.41407, **decoder)
     ref.load_state_dict(AE.to_diffusers_names(ours.state_dict()))
     return ref.eval().requires_grad_(False)
 
@@ -457,14 +460,15 @@ def row_dcae_variants(px):
     return r
 
 
-def row_dcae(px, tiled):
-    ours = our_dcae()
+def row_dcae(px, tiled, config=AE.FULL_CONFIG):
+    ours = our_dcae(config=config)
     ref = diffusers_dcae(ours)
     g = torch.Generator(device=DEV).manual_seed(0)
     latent = torch.randn(1, 32, px // 32, px // 32, generator=g, device=DEV)  # the DiT's (scaled) float32 latent
     RUNTIME.release()
     untiled = lambda: RUNTIME.decode_untiled(ours, latent)  # noqa: E731
-    r = dict(kind="dcae", px=px, tiled=tiled, tflop=dcae_flops(px) / 1e12)
+    lite = config == AE.LITE_CONFIG  # its FLOPs are not counted: no TFLOP/s
+    r = dict(kind="dcae-lite" if lite else "dcae", px=px, tiled=tiled, tflop=None if lite else dcae_flops(px) / 1e12)
     theirs = lambda: ref.decode((latent / 0.41407).to(BF16), return_dict=False)[0]  # noqa: E731
     r["rel_err_vs_diffusers_untiled"] = rel_err(ours.decode_tiled(latent) if tiled else untiled(),
                                                 theirs().float().clamp(-1, 1))
@@ -490,7 +494,7 @@ def row_dcae(px, tiled):
         with env(rt.ENV, "0"):
             r["ours_eager_ms"] = time_ms(ours_call, budget_s=2)
     r["diffusers_peak_gib"] = r["diffusers_extra_gib"] + module_bytes(ref.decoder) / GiB
-    if not tiled and px == 1024:
+    if not tiled and px == 1024 and not lite:
         try:
             ms, secs = compiled_ms(ref.decoder, lambda m: m((latent / 0.41407).to(BF16)), None)
             r["compile_default_ms"], r["compile_default_s"] = ms, secs
@@ -824,6 +828,9 @@ ROWS = {
     "dcae-1024": lambda: row_dcae(1024, False),
     "dcae-2048": lambda: row_dcae(2048, False),
     "dcae-4096-tiled": lambda: row_dcae(4096, True),
+    "dcae-lite-1024": lambda: row_dcae(1024, False, AE.LITE_CONFIG),
+    "dcae-lite-2048": lambda: row_dcae(2048, False, AE.LITE_CONFIG),
+    "dcae-lite-4096-tiled": lambda: row_dcae(4096, True, AE.LITE_CONFIG),
     "dcae-variants-1024": lambda: row_dcae_variants(1024),
     "dcae-variants-2048": lambda: row_dcae_variants(2048),
     "gemma": row_gemma,

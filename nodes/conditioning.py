@@ -12,8 +12,8 @@ class SanaTextEncode:
         return {"required": {
             "text_encoder": ("SANA_TEXT_ENCODER", {"tooltip": "Gemma-2 from SanaTextEncoderLoader."}),
             "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
-                                "tooltip": "The prompt. For the negative prompt leave it empty (SANA's default) and "
-                                           "turn instruction off."}),
+                                "tooltip": "The prompt. For the negative prompt leave it empty (SANA's default): "
+                                           "empty text is encoded without the instruction."}),
             "instruction": ("BOOLEAN", {"default": True, "label_on": "on (prompt)", "label_off": "off (negative)",
                                         "tooltip": "on: prepend SANA's complex human instruction (how the model was "
                                                    "trained for prompts). off: plain text, for negative or empty "
@@ -27,9 +27,6 @@ class SanaTextEncode:
     DESCRIPTION = "Encodes a prompt with Gemma-2 the way SANA was trained (300 tokens, optional instruction)."
 
     def encode(self, text_encoder, text, instruction):
-        if instruction and not text.strip():
-            raise ValueError("SanaTextEncode: the prompt is empty. Write a prompt, or, for a negative or "
-                             "unconditional prompt, turn 'instruction' off (SANA encodes those without it).")
         h = host.current()
         encoder = text_encoder.ready()
         try:

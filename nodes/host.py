@@ -232,6 +232,21 @@ class LocalHost:
             torch.cuda.empty_cache()
 
 
+class WarningsOnNode(logging.Handler):
+    """sana_core's warnings (a prompt too long, ...) as progress text on the node that is running, where the
+    person who queued it sees them (ComfyUI's frontend shows a node's progress text under it)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.server = importlib.import_module("server").PromptServer
+        self.executing = importlib.import_module("comfy_execution.utils").get_executing_context
+
+    def emit(self, record):
+        executing, server = self.executing(), getattr(self.server, "instance", None)
+        if executing is not None and server is not None:
+            server.send_progress_text(record.getMessage(), executing.node_id)
+
+
 class ComfyHost:
     """Inside ComfyUI: folder_paths, comfy.model_management, ModelPatcher, ProgressBar."""
     previews = True  # live previews on the sampler node
@@ -245,6 +260,8 @@ class ComfyHost:
         self.callbacks = importlib.import_module("comfy.patcher_extension").CallbacksMP
         self.utils = importlib.import_module("comfy.utils")
         self.runtime = Runtime()
+        library = logging.getLogger("sana_core")  # its warnings shown on the running node, not only in the log
+        library.handlers = [h for h in library.handlers if not isinstance(h, WarningsOnNode)] + [WarningsOnNode()]
 
     def roots(self, kind: str) -> list[Path]:
         return [Path(p) for folder in MODEL_FOLDERS[kind] for p in self._folder_paths(folder)]

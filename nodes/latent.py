@@ -6,9 +6,9 @@ output already multiplied by its scaling factor 0.41407 (so Latent Upscale & co.
 from math import gcd
 
 import torch
-from sana_core.resolution import ASPECT_RATIO_BINS, LATENT_FACTOR, bin_sizes, check_size, ratio_sizes
+from sana_core.resolution import ASPECT_RATIO_BINS, LATENT_FACTOR, SizeError, bin_sizes, check_size, ratio_sizes
 
-from . import host
+from . import host, messages
 
 LATENT_CHANNELS = 32
 CUSTOM = "custom"
@@ -75,7 +75,10 @@ class SanaEmptyLatent:
             if valid is not True:
                 raise ValueError(valid)
             width, height = PRESETS.get(preset) or ROUND1_PRESETS[preset]
-        check_size(width, height)
+        try:
+            check_size(width, height)
+        except SizeError as e:
+            raise messages.size_error(e, "SanaEmptyLatent") from None
         samples = torch.zeros([batch_size, LATENT_CHANNELS, height // LATENT_FACTOR, width // LATENT_FACTOR],
                               device=host.current().intermediate_device())
         return ({"samples": samples},)

@@ -7,7 +7,7 @@ moved to the GPU by the host's memory manager when a node computes with them.
 import sana_core
 from sana_core.checkpoints import CheckpointError
 
-from . import host
+from . import host, messages
 
 DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
 # "auto": where ComfyUI runs its text encoders; the others (round 1's values) pin it.
@@ -20,12 +20,10 @@ def _load(kind: str, name: str, dtype: str, placement: str = "gpu", **hints) -> 
     load_device, offload_device = h.devices(kind, placement)
     loader = {"transformer": sana_core.load_transformer, "text_encoder": sana_core.load_text_encoder,
               "autoencoder": sana_core.load_autoencoder}[kind]
-    what = {"transformer": "a SANA transformer (DiT)", "text_encoder": "a Gemma-2 text encoder",
-            "autoencoder": "a DC-AE autoencoder (VAE)"}[kind]
     try:
         model = loader(path, dtype=h.dtype(kind, dtype, load_device), device=offload_device, **hints)
     except (CheckpointError, OSError, ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"could not load '{name}' as {what}: {e}") from e
+        raise messages.load_error(e, kind, name) from e
     managed = h.manage(kind, model, path, load_device, offload_device)
     host.log.info(f"SANA: loaded {kind} {name} ({managed.size_bytes() / 2**30:.2f} GiB; runs on {load_device}, "
                   f"kept on {offload_device})")

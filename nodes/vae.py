@@ -48,7 +48,7 @@ class SanaVAEDecode:
     def decode(self, samples, vae):
         ae, latent = _decode_input(vae, samples, "SanaVAEDecode")
         with torch.inference_mode():
-            pixels = host.current().runtime.decode(ae, latent)
+            pixels = host.current().runtime.decode(ae, latent, between=host.current().check_interrupted)  # Cancel between stages
         return (to_image(pixels, "SanaVAEDecode"),)
 
 
@@ -78,7 +78,8 @@ class SanaVAEDecodeTiled:
         latent = latent_samples(samples, "SanaVAEDecodeTiled")
         ae = vae.ready(vae.model.activation_bytes(latent.shape[0], *latent.shape[2:], tile=tile_size))
         with torch.inference_mode():
-            pixels = ae.decode_tiled(latent.to(device=ae.device, dtype=ae.dtype), tile=tile_size, overlap=overlap)
+            pixels = ae.decode_tiled(latent.to(device=ae.device, dtype=ae.dtype), tile=tile_size, overlap=overlap,
+                                     between=host.current().check_interrupted)  # Cancel between tiles
         return (to_image(pixels, "SanaVAEDecodeTiled"),)
 
 

@@ -51,15 +51,26 @@ class DCAEConfig:
     latent_channels: int = 32
     image_channels: int = 3
     scaling_factor: float = SCALING_FACTOR
+    upsample_interpolate: bool = True  # decoder: conv3x3(nearest 2x) ("interpolate"), else pixel_shuffle(conv3x3)
+    downsample_unshuffle: bool = False  # encoder: pixel_unshuffle(conv3x3) ("pixel_unshuffle"), else stride-2 conv
+    decoder_out_act: str = "relu"  # before the decoder's last conv (diffusers decoder_conv_act_fn): relu or silu
+    decoder_in_shortcut: bool = True  # + the latent repeated over channels after the decoder's first conv
+    encoder_out_shortcut: bool = True  # + the channel-averaged features after the encoder's last conv
 
     @property
     def variant(self) -> str:
-        if self.decoder_widths == FULL_CONFIG.decoder_widths and self.decoder_depths == FULL_CONFIG.decoder_depths:
-            return "dc-ae-f32c32-sana"
+        for name, known in (("dc-ae-f32c32-sana", FULL_CONFIG), ("dc-ae-lite-f32c32-sana", LITE_CONFIG)):
+            if all(getattr(self, f) == getattr(known, f) for f in ("decoder_widths", "decoder_depths",
+                                                                   "decoder_scales", "upsample_interpolate")):
+                return name
         return "custom-dc-ae-" + "-".join(map(str, self.decoder_widths))
 
 
 FULL_CONFIG = DCAEConfig()  # dc-ae-f32c32-sana-1.0 and -1.1 (same architecture, different weights)
+# dc-ae-lite-f32c32-sana-1.1: the same encoder, a lighter decoder of ResBlocks only (no stage 0: its output conv
+# upsamples), pixel-shuffle upsampling and SiLU before the output conv (efficientvit's model zoo)
+LITE_CONFIG = DCAEConfig(decoder_depths=(0, 3, 5, 4, 4, 4), decoder_scales=(None,) * 6, upsample_interpolate=False,
+                         decoder_out_act="silu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,23 +261,36 @@ class EfficientViTBlock(nn.Module):
 
 
 class Upsample(nn.Module):
-    """conv3x3(nearest_2x(x)) + pixel_shuffle(repeat_interleave(x, r)), r = 4 * out / in; computed as
-    phase convolutions of the low-resolution x, never materialising the upsampled input."""
+    """2x: conv3x3(nearest_2x(x)) (interpolate=True) or pixel_shuffle(conv3x3(x)) (the conv makes 4 * out
+    channels), + pixel_shuffle(repeat_interleave(x, r)), r = 4 * out / in, when `shortcut`. The interpolating
+    form is computed as phase convolutions of the low-resolution x, never materialising the upsampled input."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, dtype=None, device=None):
+    def __init__(self, in_channels: int, out_channels: int, *, interpolate: bool = True, shortcut: bool = True,
+                 dtype=None, device=None):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, dtype=dtype, device=device)
+        self.interpolate, self.shortcut = interpolate, shortcut
+        self.conv = nn.Conv2d(in_channels, out_channels * (1 if interpolate else 4), 3, padding=1,
+                              dtype=dtype, device=device)
         self.repeats = 4 * out_channels // in_channels
-        if 4 % self.repeats and self.repeats % 4:
+        if shortcut and (4 * out_channels % in_channels or (interpolate and 4 % self.repeats and self.repeats % 4)):
             raise CheckpointError(f"upsampling {in_channels} -> {out_channels} channels is not supported")
 
     def forward(self, x):  # (B, Cin, H, W) -> (B, Cout, 2H, 2W)
         B, _, _, W = x.shape
+        if not self.interpolate:
+            row_bytes = 8 * self.conv.out_channels * B * W * x.element_size()  # conv output, shuffled copy
+            return banded(self._shuffle_rows, x, halo=1, row_bytes=row_bytes, scale=2)
         weight, bias = _phase_weight(self.conv.weight), self.conv.bias.repeat(4)
         row_bytes = 12 * self.conv.out_channels * B * W * x.element_size()
-        return banded(lambda t: self._rows(t, weight, bias), x, halo=1, row_bytes=row_bytes, scale=2)
+        return banded(lambda t: self._phase_rows(t, weight, bias), x, halo=1, row_bytes=row_bytes, scale=2)
 
-    def _rows(self, x, weight, bias):
+    def _shuffle_rows(self, x):
+        z = self.conv(x)                                                   # (B, 4 * Cout, H, W)
+        if self.shortcut:
+            z += x.repeat_interleave(self.repeats, dim=1) if self.repeats > 1 else x
+        return F.pixel_shuffle(z, 2)
+
+    def _phase_rows(self, x, weight, bias):
         B, _, H, W = x.shape
         z = F.conv2d(x, weight, bias, padding=1)                           # (B, 4 * Cout, H + 1, W + 1)
         C = z.shape[1] // 4
@@ -276,22 +300,30 @@ class Upsample(nn.Module):
         for a in (0, 1):
             for b in (0, 1):
                 k = 2 * a + b                                               # duplicated channel o*4+k is x[(o*4+k)//r]
+                phase = z[:, k * C:(k + 1) * C, a:a + H, b:b + W]
+                if not self.shortcut:
+                    out[:, :, a::2, b::2] = phase
+                    continue
                 shortcut = wide if wide is not None else x[:, k // r::4 // r]
-                torch.add(z[:, k * C:(k + 1) * C, a:a + H, b:b + W], shortcut, out=out[:, :, a::2, b::2])
+                torch.add(phase, shortcut, out=out[:, :, a::2, b::2])
         return out
 
 
 class Downsample(nn.Module):
-    """conv3x3 stride 2 (x) + channel-averaged pixel_unshuffle(x)."""
+    """conv3x3 stride 2 (x), or pixel_unshuffle(conv3x3(x)) (unshuffle=True: the conv makes out / 4 channels),
+    + channel-averaged pixel_unshuffle(x)."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, dtype=None, device=None):
+    def __init__(self, in_channels: int, out_channels: int, *, unshuffle: bool = False, dtype=None, device=None):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1, dtype=dtype, device=device)
+        self.unshuffle = unshuffle
+        self.conv = nn.Conv2d(in_channels, out_channels // 4 if unshuffle else out_channels, 3,
+                              stride=1 if unshuffle else 2, padding=1, dtype=dtype, device=device)
         self.group = 4 * in_channels // out_channels
 
     def forward(self, x):
         y = F.pixel_unshuffle(x, 2).unflatten(1, (-1, self.group)).mean(2)
-        return self.conv(x).add_(y)
+        z = self.conv(x)
+        return (F.pixel_unshuffle(z, 2) if self.unshuffle else z).add_(y)
 
 
 def _make_block(width: int, scales, head_dim: int, kw: dict) -> nn.Module:
@@ -303,42 +335,56 @@ class Decoder(nn.Module):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
         widths, depths, scales = config.decoder_widths, config.decoder_depths, config.decoder_scales
-        n = len(widths)
+        n, interpolate = len(widths), config.upsample_interpolate
+        self.in_shortcut, self.out_act = config.decoder_in_shortcut, config.decoder_out_act
         self.conv_in = nn.Conv2d(config.latent_channels, widths[-1], 3, padding=1, **kw)
         self.up_blocks = nn.ModuleList(
-            nn.ModuleList(([Upsample(widths[i + 1], widths[i], **kw)] if i < n - 1 else [])
+            nn.ModuleList(([Upsample(widths[i + 1], widths[i], interpolate=interpolate, **kw)]
+                           if i < n - 1 and depths[i] else [])
                           + [_make_block(widths[i], scales[i], config.head_dim, kw) for _ in range(depths[i])])
             for i in range(n))
-        self.norm_out = RMSNorm2d(widths[0], **kw)
-        self.conv_out = nn.Conv2d(widths[0], config.image_channels, 3, padding=1, **kw)
+        head = widths[0] if depths[0] else widths[1]  # an empty stage 0 (DC-AE-Lite): the output conv upsamples
+        self.norm_out = RMSNorm2d(head, **kw)
+        self.conv_out = (nn.Conv2d(head, config.image_channels, 3, padding=1, **kw) if depths[0] else
+                         Upsample(head, config.image_channels, interpolate=interpolate, shortcut=False, **kw))
         # stages >= first_global hold attention and run on the whole image; below, only convolutions
-        self.first_global = min([i for i, s in enumerate(scales) if s is not None], default=n)
-        self.local_scale = 2 ** self.first_global  # output pixels per pixel of the first global stage
-        lo, hi = 0, self.local_scale - 1           # receptive field of the local stages, in those pixels
-        lo, hi = lo - 1, hi + 1                    # conv_out
+        self.first_global = min([i for i, s in enumerate(scales) if s is not None and depths[i]], default=n)
+        self.local_scale = 2 ** min(self.first_global, n - 1)  # output pixels per pixel of the local stages' input
+        # receptive field of the local stages, walking back from the output: 3x3 convs and 2x upsamplings
+        upsample = ["conv", "half"] if interpolate else ["half", "conv"]
+        ops = ["conv"] if depths[0] else upsample
         for i in range(self.first_global):
-            convs = 2 * depths[i] + 1              # two per ResBlock and the upsample's
-            lo, hi = (lo - convs) // 2, (hi + convs) // 2
+            ops = ops + ["conv"] * (2 * depths[i]) + (upsample if i < n - 1 and depths[i] else [])
+        lo, hi = 0, self.local_scale - 1           # the output pixels of one input pixel
+        for op in ops:
+            lo, hi = (lo - 1, hi + 1) if op == "conv" else (lo // 2, hi // 2)
         self.local_halo = max(-lo, hi)             # SANA: 7 (56 output pixels)
 
-    def forward(self, z):  # (B, 32, h, w) unscaled latent -> (B, 3, 32h, 32w)
-        return self.local_stages(self.global_stages(z))
+    def forward(self, z, between=None):  # (B, 32, h, w) unscaled latent -> (B, 3, 32h, 32w)
+        return self.local_stages(self.global_stages(z, between), between)
 
-    def global_stages(self, z):  # -> (B, widths[first_global], ...) features of the first global stage
+    def global_stages(self, z, between=None):  # -> (B, widths[first_global], ...) features of the first global stage
+        """between: called after each stage (e.g. a Cancel check that raises)."""
         B, c, h, w = z.shape
         x = self.conv_in(z)
-        x.view(B, c, -1, h, w).add_(z.unsqueeze(2))  # + repeat_interleave(z, widths[-1] // c, dim=1)
+        if self.in_shortcut:
+            x.view(B, c, -1, h, w).add_(z.unsqueeze(2))  # + repeat_interleave(z, widths[-1] // c, dim=1)
         for i in reversed(range(self.first_global, len(self.up_blocks))):
             for block in self.up_blocks[i]:
                 x = block(x)
+            if between is not None:
+                between()
         return x
 
-    def local_stages(self, x):  # convolutions only: a tile with enough context decodes exactly
+    def local_stages(self, x, between=None):  # convolutions only: a tile with enough context decodes exactly
         x = x.contiguous(memory_format=torch.channels_last)
         for i in reversed(range(self.first_global)):
             for block in self.up_blocks[i]:
                 x = block(x)
-        return self.conv_out(self.norm_out(x, relu=True))
+            if between is not None:
+                between()
+        x = self.norm_out(x, relu=self.out_act == "relu")
+        return self.conv_out(F.silu(x, inplace=True) if self.out_act == "silu" else x)
 
 
 class Encoder(nn.Module):
@@ -347,10 +393,12 @@ class Encoder(nn.Module):
         kw = dict(dtype=dtype, device=device)
         widths, depths, scales = config.encoder_widths, config.encoder_depths, config.encoder_scales
         n = len(widths)
+        self.out_shortcut = config.encoder_out_shortcut
         self.conv_in = nn.Conv2d(config.image_channels, widths[0], 3, padding=1, **kw)
         self.down_blocks = nn.ModuleList(
             nn.ModuleList([_make_block(widths[i], scales[i], config.head_dim, kw) for _ in range(depths[i])]
-                          + ([Downsample(widths[i], widths[i + 1], **kw)] if i < n - 1 else []))
+                          + ([Downsample(widths[i], widths[i + 1], unshuffle=config.downsample_unshuffle, **kw)]
+                             if i < n - 1 else []))
             for i in range(n))
         self.conv_out = nn.Conv2d(widths[-1], config.latent_channels, 3, padding=1, **kw)
 
@@ -359,6 +407,8 @@ class Encoder(nn.Module):
         for stage in self.down_blocks:
             for block in stage:
                 x = block(x)
+        if not self.out_shortcut:
+            return self.conv_out(x)
         shortcut = x.unflatten(1, (self.conv_out.out_channels, -1)).mean(2)  # channel-averaged
         return self.conv_out(x).add_(shortcut)
 
@@ -404,19 +454,23 @@ class DCAE(nn.Module):
         return latent.float().mul_(self.scaling_factor)
 
     @torch.inference_mode()
-    def decode(self, latent: torch.Tensor, *, decoder=None) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, *, decoder=None, between=None) -> torch.Tensor:
         """Scaled latent (B, 32, h, w) -> images (B, 3, 32h, 32w) in [-1, 1], untiled. decoder: what runs
-        self.decoder on the unscaled latent (a Runtime passes a CUDA-graphed one); None: self.decoder."""
-        return _finish((decoder or self.decoder)(self._unscale(latent)))
+        self.decoder on the unscaled latent (a Runtime passes a CUDA-graphed one; it runs uninterrupted);
+        None: self.decoder, calling `between` after each stage (e.g. a Cancel check that raises)."""
+        z = self._unscale(latent)
+        return _finish(decoder(z) if decoder is not None else self.decoder(z, between))
 
     @torch.inference_mode()
-    def decode_tiled(self, latent: torch.Tensor, tile: int = None, overlap: int = None) -> torch.Tensor:
+    def decode_tiled(self, latent: torch.Tensor, tile: int = None, overlap: int = None, *,
+                     between=None) -> torch.Tensor:
         """Like decode with bounded memory: stages 0-2 (convolutions) run on tiles of `tile` pixels
         (default DEFAULT_TILE), each reading `overlap` pixels of context on every side (default: their
         receptive field, 56 px for SANA, which makes the result equal to `decode`; less is faster and
-        leaves small differences near tile borders)."""
-        x = self.decoder.global_stages(self._unscale(latent))
-        return _finish(self._local_tiled(x, tile, overlap))
+        leaves small differences near tile borders). `between` is called after each global stage and each
+        tile (e.g. a Cancel check that raises)."""
+        x = self.decoder.global_stages(self._unscale(latent), between)
+        return _finish(self._local_tiled(x, tile, overlap, between))
 
     def activation_bytes(self, batch: int, h: int, w: int, *, tile: int = None) -> int:
         """Estimated peak device memory (bytes, beyond the weights) of decode (tile None) or
@@ -434,7 +488,7 @@ class DCAE(nn.Module):
             held += batch * widths[k] * pixels(k) * e  # the global features, kept while tiling
             region = (tile // f * f + 2 * dec.local_halo * f) ** 2
         for i in range(k):                           # block in + out, upsample in + out
-            worst = max(worst, region // 4 ** i * max(2 * widths[i], widths[i] + widths[i + 1] // 4))
+            worst = max(worst, region // 4 ** i * max(2 * widths[i], widths[i] + widths[min(i + 1, n - 1)] // 4))
         return int(MEMORY_MARGIN * (held + batch * worst * e + WORK_BYTES))
 
     def preview_projection(self) -> tuple:
@@ -466,7 +520,7 @@ class DCAE(nn.Module):
                              "diverged (try bfloat16 or float32 instead of float16, a lower CFG, or more steps)")
         return (latent.to(device=self.device, dtype=torch.float32) / self.scaling_factor).to(self.dtype)
 
-    def _local_tiled(self, x: torch.Tensor, tile: int = None, overlap: int = None) -> torch.Tensor:
+    def _local_tiled(self, x: torch.Tensor, tile: int = None, overlap: int = None, between=None) -> torch.Tensor:
         """decoder.local_stages(x) on tiles of x (features of the first global stage)."""
         dec = self.decoder
         f = dec.local_scale
@@ -477,7 +531,7 @@ class DCAE(nn.Module):
         tile_k, halo = tile // f, -(-overlap // f)
         B, _, H, W = x.shape
         if tile_k >= H and tile_k >= W:
-            return dec.local_stages(x)
+            return dec.local_stages(x, between)
         out = None
         for r0, r1 in _split(H, tile_k):
             for c0, c1 in _split(W, tile_k):
@@ -488,6 +542,8 @@ class DCAE(nn.Module):
                 out[:, :, r0 * f:r1 * f, c0 * f:c1 * f] = \
                     y[:, :, (r0 - a0) * f:(r1 - a0) * f, (c0 - b0) * f:(c1 - b0) * f]
                 del y
+                if between is not None:
+                    between()
         return out
 
 
@@ -504,6 +560,7 @@ def _finish(pixels: torch.Tensor) -> torch.Tensor:
 # every key (as diffusers' loaders/single_file_utils.convert_autoencoder_dc_checkpoint_to_diffusers),
 # then the two 1x1 convs below keep their original conv shape under our names.
 ORIGINAL_TO_DIFFUSERS = (
+    ("decoder.project_out.op_list.2.conv.conv.", "decoder.conv_out.conv."),  # an upsampling head (DC-AE-Lite)
     ("main.", ""), ("op_list.", ""), ("context_module", "attn"), ("local_module", "conv_out"),
     ("aggreg.0.0", "to_qkv_multiscale.0.proj_in"), ("aggreg.0.1", "to_qkv_multiscale.0.proj_out"),
     ("depth_conv.conv", "conv_depth"), ("inverted_conv.conv", "conv_inverted"),
@@ -573,11 +630,15 @@ def to_diffusers_names(state_dict: dict) -> dict:
 
 
 def _stage_geometry(tensors: dict, prefix: str, n: int, resample_first: bool, name: str):
-    """Widths, depths and scales of `n` stages `{prefix}.{i}.{j}.` (resampling block first or last)."""
-    widths, depths, scales, head_dims = [], [], [], set()
+    """Widths, depths and scales of `n` stages `{prefix}.{i}.{j}.` (resampling block first or last), and the
+    output channels of each stage's resampling conv (None: none). The decoder's stage 0 may be empty."""
+    widths, depths, scales, resample_out, head_dims = [], [], [], [], set()
     for i in range(n):
         stage = f"{prefix}.{i}."
         ids = sorted({int(k[len(stage):].split(".")[0]) for k in tensors if k.startswith(stage)})
+        if not ids and i == 0 and resample_first:  # DC-AE-Lite: no stage 0, the output conv upsamples
+            widths.append(None), depths.append(0), scales.append(None), resample_out.append(None)
+            continue
         resample = ([ids[0]] if resample_first else [ids[-1]]) if i < n - 1 and ids else []
         if resample and f"{stage}{resample[0]}.conv.weight" not in tensors:
             resample = []
@@ -606,52 +667,106 @@ def _stage_geometry(tensors: dict, prefix: str, n: int, resample_first: bool, na
         widths.append(width)
         depths.append(len(blocks))
         scales.append(kinds.pop())
-    return tuple(widths), tuple(depths), tuple(scales), head_dims
+        resample_out.append(tensors[f"{stage}{resample[0]}.conv.weight"].shape[0] if resample else None)
+    return widths, tuple(depths), tuple(scales), resample_out, head_dims
+
+
+def _resampling(convs: dict, name: str, what: str, plain: dict, packed: dict, packed_name: str) -> bool:
+    """Whether every resampling conv (stage -> output channels) has the `packed` channel count (pixel-(un)shuffle),
+    else the `plain` one; a mixture, or neither, is an error."""
+    kinds = {c == packed[i] if c in (plain[i], packed[i]) else None for i, c in convs.items()}
+    if None in kinds or len(kinds) > 1:
+        raise CheckpointError(f"{name}: the {what} convolutions have {sorted(set(convs.values()))} output channels, "
+                              f"neither all plain {sorted(set(plain.values()))} nor all {packed_name} "
+                              f"{sorted(set(packed.values()))}: this is no DC-AE this loader knows")
+    return kinds == {True}
+
+
+def _activation(cfg: dict, key: str, default: str, name: str) -> str:
+    """A diffusers activation name (get_activation) as "relu" or "silu"; others are an error."""
+    value = cfg.get(key, default)
+    act = {"relu": "relu", "silu": "silu", "swish": "silu"}.get(value)
+    if act is None:
+        raise CheckpointError(f"{name}: config.json has {key}={value!r}; supported: 'relu' and 'silu'")
+    return act
 
 
 def infer_config(tensors: dict, diffusers_config: dict = None, name: str = "checkpoint") -> DCAEConfig:
-    """The architecture, read from the tensors (our names); checked against a diffusers config.json."""
+    """The architecture, read from the tensors (our names) and, for what they cannot tell (the activation
+    before the output conv, the shortcuts), from a diffusers config.json interpreted as diffusers does.
+    Without one: the setting of the published model of that structure (DC-AE-Lite: SiLU, else ReLU)."""
     if any(k.endswith("running_mean") for k in tensors):
         raise CheckpointError(f"{name} uses batch norm: it is a DC-AE -in/-mix variant, not dc-ae-f32c32-sana-1.0/1.1")
     if "decoder.conv_in.weight" not in tensors:
         raise CheckpointError(f"{name} has no DC-AE decoder (decoder.conv_in.weight); it holds {describe(tensors)}")
     if "encoder.conv_in.conv.weight" in tensors:
         raise CheckpointError(f"{name} is a DC-AE -in/-mix variant (pixel-unshuffle input), not dc-ae-f32c32-sana")
+    cfg = diffusers_config if diffusers_config and ("_class_name" in diffusers_config
+                                                    or "decoder_block_out_channels" in diffusers_config) else {}
     n = 1 + max(int(k.split(".")[2]) for k in tensors if k.startswith("decoder.up_blocks."))
-    widths, depths, scales, head_dims = _stage_geometry(tensors, "decoder.up_blocks", n, True, name)
+    widths, depths, scales, ups, head_dims = _stage_geometry(tensors, "decoder.up_blocks", n, True, name)
+    if widths[0] is None:  # no stage 0: its width is only a name (diffusers' config keeps it)
+        widths[0] = (cfg.get("decoder_block_out_channels") or [widths[1] // 2])[0]
+    head = tensors["decoder.conv_out.conv.weight" if not depths[0] else "decoder.conv_out.weight"]
+    convs = {i: c for i, c in enumerate(ups) if c is not None}
+    if not depths[0]:
+        convs[-1] = head.shape[0]
+    plain = {i: widths[i] if i >= 0 else 3 for i in convs}
+    interpolate = not _resampling(convs, name, "upsampling", plain, {i: 4 * c for i, c in plain.items()},
+                                  "pixel-shuffle")
     enc = (None, None, None)
+    unshuffle = False
     if "encoder.conv_in.weight" in tensors:
         n_enc = 1 + max(int(k.split(".")[2]) for k in tensors if k.startswith("encoder.down_blocks."))
-        *enc, enc_head_dims = _stage_geometry(tensors, "encoder.down_blocks", n_enc, False, name)
+        enc_widths, *enc_rest, downs, enc_head_dims = _stage_geometry(tensors, "encoder.down_blocks", n_enc, False, name)
+        enc = (tuple(enc_widths), *enc_rest)
         head_dims |= enc_head_dims
-    for i in range(n - 1):
-        up = tensors.get(f"decoder.up_blocks.{i}.0.conv.weight")
-        if up is not None and up.shape[0] != widths[i]:
-            raise CheckpointError(f"{name}: decoder stage {i} upsamples by pixel shuffle ({up.shape[0]} channels); "
-                                  f"only the SANA DC-AE (interpolate + conv) is supported")
-    cfg = diffusers_config or {}
+        convs = {i: c for i, c in enumerate(downs) if c is not None}
+        plain = {i: enc_widths[i + 1] for i in convs}
+        unshuffle = _resampling(convs, name, "downsampling", plain, {i: c // 4 for i, c in plain.items()},
+                                "pixel-unshuffle")
     if len(head_dims) > 1:
         raise CheckpointError(f"{name}: attention head sizes differ between blocks ({sorted(head_dims)})")
     head_dim = head_dims.pop() if head_dims else cfg.get("attention_head_dim", 32)
-    config = DCAEConfig(decoder_widths=widths, decoder_depths=depths, decoder_scales=scales,
+    lite = not depths[0] and not any(scales)
+    config = DCAEConfig(decoder_widths=tuple(widths), decoder_depths=depths, decoder_scales=scales,
                         encoder_widths=enc[0], encoder_depths=enc[1], encoder_scales=enc[2], head_dim=head_dim,
                         latent_channels=tensors["decoder.conv_in.weight"].shape[1],
-                        image_channels=tensors["decoder.conv_out.weight"].shape[0],
-                        scaling_factor=float(cfg.get("scaling_factor", SCALING_FACTOR)))
+                        image_channels=head.shape[0] // (1 if interpolate or depths[0] else 4),
+                        scaling_factor=float(cfg.get("scaling_factor", SCALING_FACTOR)),
+                        upsample_interpolate=interpolate, downsample_unshuffle=unshuffle,
+                        decoder_out_act=_activation(cfg, "decoder_conv_act_fn", "relu", name) if cfg else
+                        "silu" if lite else "relu",
+                        decoder_in_shortcut=bool(cfg.get("decoder_in_shortcut", True)),
+                        encoder_out_shortcut=bool(cfg.get("encoder_out_shortcut", True)))
     _check_against_diffusers_config(config, cfg, name)
     return config
 
 
 def _check_against_diffusers_config(config: DCAEConfig, cfg: dict, name: str) -> None:
+    """Options as diffusers' AutoencoderDC reads them: upsample_block_type "interpolate" interpolates, any other
+    value pixel-shuffles; downsample_block_type "pixel_unshuffle" pixel-unshuffles, any other value (the
+    published folders say "Conv", diffusers' converter "conv") is a strided conv."""
     if not cfg:
         return
-    supported = {"upsample_block_type": "interpolate", "downsample_block_type": "conv",
-                 "decoder_norm_types": "rms_norm", "decoder_act_fns": "silu"}
-    for key, value in supported.items():
-        given = cfg.get(key, value)
-        if any(v != value for v in ([given] if isinstance(given, str) else given)):
-            raise CheckpointError(f"{name}: config.json has {key}={given!r}; only the SANA DC-AE ({key}="
-                                  f"{value!r}) is supported")
+    n = len(config.decoder_widths)
+    for key, supported, what in (("decoder_norm_types", ("rms_norm",), "normalization"),
+                                 ("decoder_act_fns", ("silu", "swish"), "activation")):
+        given = cfg.get(key, supported[0])
+        per_stage = [given] * n if isinstance(given, str) else list(given)
+        # diffusers uses the activation only in ResBlocks; the norm everywhere
+        used = [v for v, s in zip(per_stage, config.decoder_scales) if key == "decoder_norm_types" or s is None]
+        if any(v not in supported for v in used):
+            raise CheckpointError(f"{name}: config.json has {key}={given!r}; only {supported[0]!r} is supported "
+                                  f"(the SANA DC-AE {what})")
+    modes = {"upsample_block_type": ("interpolate" if config.upsample_interpolate else "pixel_shuffle",
+                                     lambda v: v == "interpolate", config.upsample_interpolate),
+             "downsample_block_type": ("pixel_unshuffle" if config.downsample_unshuffle else "conv",
+                                       lambda v: v == "pixel_unshuffle", config.downsample_unshuffle)}
+    for key, (weights_say, reads_as, value) in modes.items():
+        if key in cfg and reads_as(cfg[key]) != value and (key == "upsample_block_type" or config.encoder_widths):
+            raise CheckpointError(f"{name}: config.json says {key}={cfg[key]!r}, but the weights are shaped for "
+                                  f"{weights_say!r}; the folder mixes files of different models")
     expected = {"decoder_block_out_channels": config.decoder_widths, "decoder_layers_per_block": config.decoder_depths,
                 "latent_channels": config.latent_channels, "attention_head_dim": config.head_dim}
     if config.encoder_widths:
@@ -671,7 +786,7 @@ def load_autoencoder(path, *, dtype=None, device=None) -> DCAE:
         path = path / "vae"  # a whole diffusers pipeline folder
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    tensors, metadata = read_checkpoint(path, weight_names=("diffusion_pytorch_model", "model"))
+    tensors, metadata = read_checkpoint(path, weight_names=("diffusion_pytorch_model", "model"), dtype=dtype)
     tensors = strip_prefix(tensors, ("first_stage_model.", "vae.", "model.", "module."))
     kind = guess_component(tensors)
     model_tensors = to_model_names(tensors) if kind == "autoencoder" else {}
@@ -680,7 +795,8 @@ def load_autoencoder(path, *, dtype=None, device=None) -> DCAE:
                 "text_encoder": "load it with the Gemma text encoder loader (load_text_encoder)",
                 "autoencoder": "it is another kind of VAE (SD/SDXL/Flux style)"}.get(kind, "it is no SANA component")
         raise CheckpointError(f"{path.name} is not a DC-AE autoencoder: it holds {describe(tensors)}; {hint}. "
-                              f"SANA needs the DC-AE f32c32 (dc-ae-f32c32-sana-1.0 or -1.1) here")
+                              f"SANA needs the DC-AE f32c32 (dc-ae-f32c32-sana-1.0 or -1.1) here",
+                              found=kind if kind in ("transformer", "text_encoder") else None)
     tensors = model_tensors
     config = infer_config(tensors, metadata.get("config"), path.name)
     model = DCAE(config, dtype=dtype, device="meta")

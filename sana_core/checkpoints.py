@@ -7,14 +7,24 @@ device, straight to the target device and dtype, and `guess_component` names wha
 set of keys looks like so that a file given to the wrong loader gets a clear error.
 """
 import json
+import logging
+import re
+import zipfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+log = logging.getLogger(__name__)
 
 class CheckpointError(ValueError):
-    """A file that is not what the loader expected; the message says what it looks like."""
+    """A file that is not what the loader expected; the message says what it looks like. For the other
+    surfaces (ComfyUI nodes) to word it their way: `found`, the component the file holds when it is another
+    one ("transformer", "autoencoder", "text_encoder"); `needs`, the loader hint the file lacks."""
+
+    def __init__(self, message: str, *, found: str = None, needs: str = None):
+        super().__init__(message)
+        self.found, self.needs = found, needs
 
 
 PTH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
@@ -22,19 +32,19 @@ FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") i
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64) + FP8_DTYPES
 
 
-def read_checkpoint(path, *, weight_names=None) -> tuple[dict, dict]:
+def read_checkpoint(path, *, weight_names=None, dtype=None) -> tuple[dict, dict]:
     """(tensors, metadata) of a file or a folder. Tensors stay memory-mapped until used.
 
-    A folder is read through its safetensors index (`*.safetensors.index.json`) when it has
-    one, else every `*.safetensors` in it (`weight_names` restricts the file names tried
-    first, e.g. ("diffusion_pytorch_model", "model")). `metadata` holds the safetensors
-    header metadata and, for a folder, its parsed `config.json` under "config".
+    A folder holds one or more complete sets of safetensors weights (`select_weight_files`: one
+    set is read, never a merge of two; `weight_names` are the file names tried first, e.g.
+    ("diffusion_pytorch_model", "model"); `dtype` picks the matching variant). `metadata` holds
+    the safetensors header metadata and, for a folder, its parsed `config.json` under "config".
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
     if path.is_dir():
-        return _read_folder(path, weight_names)
+        return _read_folder(path, weight_names, dtype)
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     if path.suffix in PTH_SUFFIXES:
@@ -55,12 +65,21 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
 
 
 def _read_pth(path: Path) -> dict:
+    """Tensors only (torch's weights-only unpickler), memory-mapped when saved in the zip format; the
+    legacy (non-zip) format cannot be mapped and is read into RAM."""
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
-        raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e)[:200]}); it may be truncated, or hold objects other than "
-                              f"tensors (only weights are loaded, never code)") from None
+        found = re.search(r"Unsupported (?:global|operand)[^.]*?(?:GLOBAL )?([\w.]+) was not", str(e))
+        if found or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path.name} holds Python objects or code besides tensors"
+                + (f" (it refers to {found[1]})" if found else "")
+                + "; only tensors are loaded from .pth files, and no code in them is run. Use a .safetensors "
+                  "file of the same model, or a .pth that holds only its weights (a dictionary of tensors)") from None
+        raise CheckpointError(f"{path.name} is damaged or incomplete, it cannot be read as a PyTorch checkpoint "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'no data'}); "
+                              f"it was probably truncated by an interrupted download or copy: download it again") from None
     for key in ("state_dict", "model", "module", "ema"):  # weights nested by the training code
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -70,26 +89,70 @@ def _read_pth(path: Path) -> dict:
     return obj
 
 
-def _read_folder(path: Path, weight_names) -> tuple[dict, dict]:
+VARIANT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # float variants, preferred first
+VARIANTS = tuple(VARIANT_DTYPES) + ("fp8", "int8", "int4", "nf4")
+_INDEX = re.compile(r"(?P<base>.+)\.safetensors\.index(?:\.(?P<variant>\w+))?\.json")
+_WEIGHTS = re.compile(rf"(?P<base>.+?)(?:\.(?P<variant>{'|'.join(VARIANTS)}))?(?P<shard>-\d+-of-(?P<n>\d+))?\.safetensors")
+
+
+def select_weight_files(path: Path, weight_names=None, dtype=None) -> list:
+    """The file names of ONE complete set of weights in a diffusers / transformers folder, which may hold
+    the plain set (`model.safetensors`, or shards named by `model.safetensors.index.json`) beside variants
+    (`model.bf16.safetensors`, `model.safetensors.index.fp16.json` + shards, `model.int4.safetensors`).
+    In order: the variant of `dtype`; the plain set; any complete float variant (fp32, bf16, fp16; the
+    loader converts it). An index whose shards are not all there is skipped (with a note in the log);
+    a folder of non-float variants only (int4, ...) is an error that names them."""
+    sets, incomplete = {}, []  # (base, variant) -> file names
+    names = sorted(p.name for p in path.iterdir())
+    indexed = set()
+    for name in names:
+        m = _INDEX.fullmatch(name)
+        if m:
+            files = sorted(set(json.loads((path / name).read_text())["weight_map"].values()))
+            indexed.update(files)
+            missing = [f for f in files if not (path / f).exists()]
+            if missing:
+                incomplete.append(f"{name} (missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})")
+                log.warning("%s: %s names shards that are not there (%s); skipped", path, name, ", ".join(missing[:3]))
+            else:
+                sets[(m["base"], m["variant"])] = files
+    shards = {}
+    for name in names:
+        m = _WEIGHTS.fullmatch(name)
+        if m is None or name in indexed:
+            continue
+        if m["shard"] is None:
+            sets.setdefault((m["base"], m["variant"]), [name])
+        else:  # shards without an index: complete when all n are there
+            shards.setdefault((m["base"], m["variant"], int(m["n"])), []).append(name)
+    for (base, variant, n), files in shards.items():
+        if len(files) == n:
+            sets.setdefault((base, variant), sorted(files))
+    if not sets:
+        found = ", ".join(names[:10]) or "nothing"
+        raise CheckpointError(f"{path} holds no {'complete set of ' if incomplete else ''}.safetensors weights "
+                              f"(found: {found}"
+                              + (f"; incomplete: {'; '.join(incomplete)}" if incomplete else "") + ")")
+    bases = sorted({b for b, _ in sets})
+    preferred = [b for b in (weight_names or ()) if b in bases]
+    if not preferred and len(bases) > 1:
+        raise CheckpointError(f"{path} holds the weights of several models ({', '.join(bases)}): "
+                              f"give the file of the one you want instead of the folder")
+    base = (preferred or bases)[0]
+    wanted = {v: k for k, v in VARIANT_DTYPES.items()}.get(dtype)
+    for variant in (wanted, None, *VARIANT_DTYPES):
+        if (base, variant) in sets:
+            return sets[(base, variant)]
+    other = sorted(f for (b, _), files in sets.items() if b == base for f in files)
+    raise CheckpointError(f"{path} holds only {', '.join(other)}: quantized variants cannot be loaded here. "
+                          f"Download the plain (fp32), bf16 or fp16 weights of this model into the folder")
+
+
+def _read_folder(path: Path, weight_names, dtype=None) -> tuple[dict, dict]:
     config_file = path / "config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else None
-    indexes = sorted(path.glob("*.safetensors.index.json"))
-    if weight_names:
-        indexes = [p for p in indexes if p.name.split(".")[0] in weight_names] or indexes
-    if indexes:
-        index = json.loads(indexes[0].read_text())
-        files = sorted(set(index["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-        if weight_names:
-            files = [f for f in files if f.split(".")[0] in weight_names] or files
-    if not files:
-        raise CheckpointError(f"{path} holds no .safetensors weights (found: "
-                              f"{', '.join(sorted(p.name for p in path.iterdir())[:10]) or 'nothing'})")
     tensors, metadata = {}, {}
-    for name in files:
-        if not (path / name).exists():
-            raise CheckpointError(f"{path}: shard {name} named by the index is missing")
+    for name in select_weight_files(path, weight_names, dtype):
         t, m = _read_safetensors(path / name)
         tensors.update(t)
         metadata.update(m)

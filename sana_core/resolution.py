@@ -51,18 +51,27 @@ ASPECT_RATIO_BINS = {512: ASPECT_RATIO_512_BIN, 1024: ASPECT_RATIO_1024_BIN,
                      2048: ASPECT_RATIO_2048_BIN, 4096: ASPECT_RATIO_4096_BIN}
 
 
+class SizeError(ValueError):
+    """A bad image side: `side` ("width" / "height"), `value`, `choices` (the nearest good values)."""
+
+    def __init__(self, message: str, side: str, value, choices: str):
+        super().__init__(message)
+        self.side, self.value, self.choices = side, value, choices
+
+
 def check_size(width: int, height: int) -> None:
     """Raise ValueError unless both sides are positive multiples of 32, naming the nearest good sizes."""
     for name, value in (("width", width), ("height", height)):
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"{name} must be a whole number of pixels, got {value!r}")
+            raise SizeError(f"{name} must be a whole number of pixels, got {value!r}", name, value, "a whole number")
         if value < LATENT_FACTOR or value % LATENT_FACTOR:
             lower = max(LATENT_FACTOR, value // LATENT_FACTOR * LATENT_FACTOR)
             upper = lower if value < LATENT_FACTOR else lower + LATENT_FACTOR
             choices = f"{lower}" if lower == upper else f"{lower} or {upper}"
-            raise ValueError(f"{name} {value} is not a positive multiple of {LATENT_FACTOR} (SANA's autoencoder "
-                             f"works on 32x32 pixel blocks): use {choices}, or name an aspect ratio "
-                             f"(e.g. aspect_ratio='16:9') to get the nearest size the model was trained at")
+            raise SizeError(f"{name} {value} is not a positive multiple of {LATENT_FACTOR} (SANA's autoencoder "
+                            f"works on 32x32 pixel blocks): use {choices}, or name an aspect ratio "
+                            f"(e.g. aspect_ratio='16:9') to get the nearest size the model was trained at",
+                            name, value, choices)
 
 
 def parse_aspect_ratio(aspect_ratio) -> float:

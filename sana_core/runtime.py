@@ -350,26 +350,29 @@ class Runtime:
                                 tokens=mask.numel(), max_tokens=GEMMA_MAX_TOKENS)(embeds, mask)
         return text_encoder.encode(prompts, layers=layers, **kwargs)
 
-    def decode(self, autoencoder, latent: torch.Tensor) -> torch.Tensor:
+    def decode(self, autoencoder, latent: torch.Tensor, *, between=None) -> torch.Tensor:
         """Scaled latent (B, 32, h, w) -> images (B, 3, 32h, 32w) in [-1, 1], as free device memory allows:
         autoencoder.decode when its estimated activations fit, else decode_tiled with the biggest tile that
         fits (one sample at a time when the batch does not fit); the graphs' pool is given back first when
-        an untiled decode needs it. Small decodes (DECODE_MAX_PIXELS) replay a graph. CPU: untiled."""
+        an untiled decode needs it. Small decodes (DECODE_MAX_PIXELS) replay a graph. CPU: untiled.
+        between: called between stages and tiles of a decode that is not replayed (a Cancel check)."""
         ae, device = autoencoder, torch.device(autoencoder.device)
         B, _, h, w = latent.shape
         if device.type == "cuda":
             self._release_if_short(device, DECODE_BYTES_PER_PIXEL * B * h * w * ae.spatial_compression ** 2)
             free = free_bytes(device)
             if B > 1 and ae.activation_bytes(B, h, w) > free:
-                return torch.cat([self.decode(ae, latent[i:i + 1]) for i in range(B)])
+                return torch.cat([self.decode(ae, latent[i:i + 1], between=between) for i in range(B)])
             tile = decode_tile(ae, B, h, w, free)
             if tile is not None:
-                return ae.decode_tiled(latent, tile=tile)
-        return self.decode_untiled(ae, latent)
+                return ae.decode_tiled(latent, tile=tile, between=between)
+        return self.decode_untiled(ae, latent, between=between)
 
-    def decode_untiled(self, autoencoder, latent: torch.Tensor) -> torch.Tensor:
+    def decode_untiled(self, autoencoder, latent: torch.Tensor, *, between=None) -> torch.Tensor:
         """autoencoder.decode(latent), replayed from a graph up to DECODE_MAX_PIXELS latent pixels."""
         B, _, h, w = latent.shape
+        if B * h * w > DECODE_MAX_PIXELS:  # never replayed: interruptible between stages
+            return autoencoder.decode(latent, between=between)
         decoder = self.graphed(autoencoder.decoder, (), module=autoencoder.decoder, key=("decode",),
                                tokens=B * h * w, max_tokens=DECODE_MAX_PIXELS)
         return autoencoder.decode(latent, decoder=decoder)

@@ -10,7 +10,7 @@ the official NVlabs/Sana code:
     tokens    = tokenizer(text, padding="max_length", max_length=max_len, truncation=True)  # right padding
     embedding = gemma(tokens).last_hidden_state[:, [0] + range(-299, 0)]   # <bos> + last 299: (B, 300, D)
 
-Without an instruction (negative prompts) the prompt alone is padded to 300 tokens.
+Without an instruction (negative prompts), and for an empty prompt, the prompt alone is padded to 300 tokens.
 
 Files: a Hugging Face folder of gemma-2-2b-it (config.json, safetensors, tokenizer.json
 and/or tokenizer.model; a diffusers pipeline folder's text_encoder/ + tokenizer/ works too),
@@ -130,10 +130,17 @@ class TextEncoder:
         prompts), a name in `INSTRUCTIONS`, or any other text used as the instruction itself.
         Prompts are stripped; `lowercase=True` also lowercases them, as diffusers does by default.
         `layers`: what runs self.layers (a Runtime passes a CUDA-graphed one); None: self.layers.
+        An empty prompt is encoded as SANA encodes negatives, whatever `instruction` says: "" alone,
+        padded to 300 tokens (diffusers' negative_prompt="").
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         prompts = [p.lower().strip() if lowercase else p.strip() for p in prompts]
         chi = instruction_text(instruction)
+        if chi and "" in prompts:
+            if all(p == "" for p in prompts):
+                return self.encode(prompts, instruction=False)
+            parts = [self.encode([p], instruction=instruction if p else False) for p in prompts]
+            return torch.cat([e for e, _ in parts]), torch.cat([m for _, m in parts])
         if chi:
             texts = [chi + p for p in prompts]
             max_length = len(self.tokenizer.encode(chi)) + MAX_TOKENS - 2  # leaves 298 tokens for the prompt
@@ -184,7 +191,7 @@ def load_text_encoder(path, *, dtype=None, device=None) -> TextEncoder:
     path = Path(path)
     if path.is_dir() and (path / "text_encoder").is_dir():  # a diffusers pipeline folder
         path = path / "text_encoder"
-    tensors, metadata = read_checkpoint(path)
+    tensors, metadata = read_checkpoint(path, weight_names=("model",), dtype=dtype)
     spiece = tensors.pop("spiece_model", None)
     tensors = _gemma_tensors(path, tensors)
     config = _gemma_config(path, tensors, metadata)
@@ -201,7 +208,8 @@ def _gemma_tensors(path: Path, tensors: dict) -> dict:
     if guess_component(tensors) != "text_encoder":
         raise CheckpointError(f"{path.name} is not a Gemma-2 text encoder: it holds {describe(tensors)}. "
                               f"Give the text encoder gemma-2-2b-it as a Hugging Face folder or a single "
-                              f".safetensors (e.g. models/text_encoders/gemma_2_2b*.safetensors)")
+                              f".safetensors (e.g. models/text_encoders/gemma_2_2b*.safetensors)",
+                              found=guess_component(tensors))
     tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
     if "embed_tokens.weight" not in tensors or "layers.0.pre_feedforward_layernorm.weight" not in tensors \
             or "layers.0.self_attn.q_norm.weight" in tensors:

@@ -56,6 +56,9 @@ class SanaConfig:
     base_size: int | None = None  # latent side the position embedding was trained at
     in_channels: int = 32
     out_channels: int = 32
+    timestep_scale: float = 1.0  # on the t * 1000 timestep, as diffusers' SanaPipeline (Sprint: unused, its
+    # embedder sees t * 1000 / SPRINT_TIMESTEP_SCALE, as diffusers' Sprint pipeline passes t whatever the config says)
+    guidance_embeds_scale: float = GUIDANCE_EMBED_SCALE  # on the guidance scale before its embedder (Sprint)
 
     @property
     def variant(self) -> str:
@@ -381,9 +384,9 @@ class SanaTransformer(nn.Module):
             tokens = (tokens.float() + self.pos_embed(h, w, tokens.device, torch.float32)).to(dtype)
         if cfg.sprint:
             t = self.t_embedder(timestep / SPRINT_TIMESTEP_SCALE, dtype)  # (B, C)
-            t = t + self.cfg_embedder(guidance.reshape(-1).expand(B) * GUIDANCE_EMBED_SCALE, dtype)
+            t = t + self.cfg_embedder(guidance.reshape(-1).expand(B) * cfg.guidance_embeds_scale, dtype)
         else:
-            t = self.t_embedder(timestep, dtype)  # (B, C)
+            t = self.t_embedder(timestep * cfg.timestep_scale, dtype)  # (B, C)
         t0 = self.t_block(t)  # (B, 6C)
 
         perturbed_layers = set(perturbed_layers) if perturbed is not None else ()
@@ -486,8 +489,10 @@ CONFIG_KEYS = {
     "self_heads": "self_heads", "num_attention_heads": "self_heads",
     "pe_interpolation": "pe_interpolation", "interpolation_scale": "pe_interpolation",
     "base_size": "base_size", "sample_size": "base_size",
+    "timestep_scale": "timestep_scale", "guidance_embeds_scale": "guidance_embeds_scale",
 }
-HINTS = ("cross_heads", "self_heads", "pe_interpolation", "base_size", "resolution")
+HINTS = ("cross_heads", "self_heads", "pe_interpolation", "base_size", "resolution", "timestep_scale",
+         "guidance_embeds_scale")
 
 
 class FusedTensors(Mapping):
@@ -544,8 +549,11 @@ def _ignored(name: str) -> bool:
 
 
 def _parse_config(metadata: dict) -> dict:
-    """Settings found in a folder's config.json or a safetensors metadata "config" JSON."""
+    """Settings found in a folder's config.json or a safetensors metadata "config" JSON. A diffusers
+    config.json is read as diffusers reads it: `interpolation_scale` absent or null means no position
+    embedding, and a Sprint model's `timestep_scale` is unused (its pipeline passes t in [0, 1])."""
     raw = metadata.get("config")
+    diffusers_config = isinstance(raw, dict)  # a folder's config.json (safetensors metadata is a string)
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
@@ -554,6 +562,10 @@ def _parse_config(metadata: dict) -> dict:
     if not isinstance(raw, dict):
         return {}
     out = {CONFIG_KEYS[k]: v for k, v in raw.items() if k in CONFIG_KEYS}
+    if diffusers_config:
+        out["pe_interpolation"] = raw.get("interpolation_scale")
+        if raw.get("guidance_embeds"):
+            out.pop("timestep_scale", None)
     if out.get("pe_interpolation") is None:
         out.pop("base_size", None)  # diffusers' sample_size matters only with a position embedding
     return out
@@ -565,7 +577,7 @@ def _pe_from_resolution(side) -> dict:
 
 
 def _pe_from_names(names) -> dict:
-    """From a file or folder name: '2K', '2Kpx', '2048' -> the 2K setting; '4K', '4096' -> 4K."""
+    """From an original-format file's name: '2K', '2Kpx', '2048' -> the 2K setting; '4K', '4096' -> 4K."""
     for name in names:
         m = re.search(r"(?<![0-9])(2048|4096)(?![0-9])|(?<![0-9a-z])([24])k(?:px)?(?![0-9a-z])", name.lower())
         if m:
@@ -607,7 +619,8 @@ def attention_heads(width: int, settings: dict, what="model") -> tuple[int, int]
     if cross_heads is None:
         raise CheckpointError(f"cannot tell the cross-attention heads of a width-{width} {what} (published "
                               f"widths: {', '.join(map(str, CROSS_HEADS))}): pass cross_heads=N, or store it in "
-                              f"a config.json / safetensors metadata 'config' as num_cross_attention_heads")
+                              f"a config.json / safetensors metadata 'config' as num_cross_attention_heads",
+                              needs="cross_heads")
     if width % self_heads or width % cross_heads:
         raise CheckpointError(f"width {width} is not divisible by the heads ({self_heads} self, {cross_heads} cross)")
     return self_heads, cross_heads
@@ -627,7 +640,7 @@ def detect_config(tensors, settings: dict) -> SanaConfig:
     pe, base = settings.get("pe_interpolation"), settings.get("base_size")
     if pe is not None and base is None:
         raise CheckpointError(f"pe_interpolation={pe} needs base_size= (the latent side the model was trained "
-                              f"at: 64 for 2K models, 128 for 4K) or resolution=2048/4096")
+                              f"at: 64 for 2K models, 128 for 4K) or resolution=2048/4096", needs="base_size")
     return SanaConfig(
         depth=1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("blocks.")),
         width=width, caption_dim=tensors["y_embedder.y_proj.fc1.weight"].shape[1],
@@ -636,6 +649,8 @@ def detect_config(tensors, settings: dict) -> SanaConfig:
         qk_norm="blocks.0.attn.q_norm.weight" in tensors, sprint="cfg_embedder.mlp.0.weight" in tensors,
         pe_interpolation=None if pe is None else float(pe), base_size=None if pe is None else int(base),
         in_channels=in_channels, out_channels=tensors["final_layer.linear.weight"].shape[0],
+        timestep_scale=float(settings.get("timestep_scale", 1.0)),
+        guidance_embeds_scale=float(settings.get("guidance_embeds_scale", GUIDANCE_EMBED_SCALE)),
     )
 
 
@@ -645,29 +660,34 @@ def load_transformer(path, *, dtype=None, device=None, **hints) -> SanaTransform
     told by the key names. The structure comes from the tensors. Hints, for what they cannot
     tell: `pe_interpolation` and `base_size`, or `resolution` (2048/4096), for the 2K/4K position
     embedding (else read from metadata, config.json, the file name or the stale pos_embed),
-    `cross_heads`, `self_heads` (needed only for non-published widths)."""
+    `cross_heads`, `self_heads` (needed only for non-published widths), `timestep_scale`,
+    `guidance_embeds_scale` (else read from config.json / metadata; defaults 1.0 and 0.1).
+    A diffusers config.json decides the position embedding (none without `interpolation_scale`);
+    only an original-format file's own name or its stale pos_embed may hint 2K/4K, never a folder."""
     path = Path(path)
     if path.is_dir() and (path / "transformer").is_dir() and not any(path.glob("*.safetensors")):
         path = path / "transformer"  # a diffusers pipeline folder
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    tensors, metadata = read_quantized_checkpoint(path, weight_names=("diffusion_pytorch_model", "model"))
+    tensors, metadata = read_quantized_checkpoint(path, weight_names=("diffusion_pytorch_model", "model"), dtype=dtype)
     tensors = strip_prefix(tensors, PREFIXES)
     kind = guess_component(tensors)
     if kind != "transformer":
         loader = {"autoencoder": "load_autoencoder (the VAE loader)", "text_encoder": "load_text_encoder (the "
                   "text-encoder loader)", "controlnet": "load_controlnet (the SANA ControlNet loader)"}.get(kind)
         raise CheckpointError(f"{path.name} is not a SANA transformer: it holds {describe(tensors)}"
-                              + (f"; load it with {loader}" if loader else ""))
+                              + (f"; load it with {loader}" if loader else ""),
+                              found=kind if loader else None)
     stale = tensors.get("pos_embed")
     tensors = {k: v for k, v in tensors.items() if not _ignored(k)}
     try:
-        if any(k.startswith(("transformer_blocks.", "patch_embed.")) for k in tensors):
+        original_format = not any(k.startswith(("transformer_blocks.", "patch_embed.")) for k in tensors)
+        if not original_format:
             tensors = diffusers_to_original(tensors)
-        names = [path.name] + ([path.parent.name] if path.is_dir() else [])
+        names = [path.name] if original_format and path.is_file() else []
         config = detect_config(tensors, _settings(hints, metadata, names, stale))
     except CheckpointError as e:
-        raise CheckpointError(f"{path.name}: {e}") from None
+        raise CheckpointError(f"{path.name}: {e}", found=e.found, needs=e.needs) from None
     log.info("%s: %s (pe_interpolation=%s, base_size=%s)", path.name, config.variant,
              config.pe_interpolation, config.base_size)
 

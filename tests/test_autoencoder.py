@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from conftest import rel_err
 import sana_core.autoencoder as ae
 from sana_core import CheckpointError, load_autoencoder
+from sana_core import runtime
 from sana_core.runtime import Runtime, decode_tile
 
 diffusers = pytest.importorskip("diffusers")
@@ -282,11 +283,90 @@ def test_wrong_files_are_named_for_what_they_are(files):
         load_autoencoder(root / "sdxl_vae.safetensors", device="cpu")
 
 
-def test_unsupported_dcae_variant_is_refused(tmp_path):
-    torch.manual_seed(0)
-    diffusers.AutoencoderDC(**{**TINY, "upsample_block_type": "pixel_shuffle"}).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="pixel"):
-        load_autoencoder(tmp_path, device="cpu")
+# DC-AE-Lite (dc-ae-lite-f32c32-sana-1.1): efficientvit's model zoo config (decoder.block_type=ResBlock,
+# depth_list=[0,3,5,4,4,4], out_act=silu, default ConvPixelShuffle upsampling) as diffusers' AutoencoderDC arguments
+LITE = {**TINY, "decoder_block_types": "ResBlock", "decoder_layers_per_block": [0, 3, 5, 4, 4, 4],
+        "decoder_qkv_multiscales": [[]] * 6, "upsample_block_type": "pixel_shuffle", "decoder_conv_act_fn": "silu",
+        "downsample_block_type": "Conv"}
+
+
+def randomized(config: dict, seed=0):
+    torch.manual_seed(seed)
+    model = diffusers.AutoencoderDC(**config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def lite(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lite")
+    ref = randomized(LITE)
+    ref.save_pretrained(root / "dc-ae-lite-f32c32-sana-1.1-diffusers")
+    original = root / "dc-ae-lite-f32c32-sana-1.1"  # efficientvit's folder: model.safetensors + its own config.json
+    original.mkdir()
+    save_file(to_original(ref.state_dict()), original / "model.safetensors")
+    (original / "config.json").write_text(json.dumps({"model_name": "dc-ae-lite-f32c32-sana-1.1"}))
+    return ref, {"diffusers": root / "dc-ae-lite-f32c32-sana-1.1-diffusers", "original": original,
+                 "single": original / "model.safetensors"}
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "original", "single"])
+def test_dcae_lite_matches_diffusers_in_every_layout(lite, fmt):
+    ref, paths = lite
+    model = load_autoencoder(paths[fmt], device="cpu")
+    config = model.config
+    assert config.decoder_depths == (0, 3, 5, 4, 4, 4) and not config.upsample_interpolate
+    assert config.decoder_out_act == "silu" and config.decoder_widths == (8, 16, 32, 32, 64, 64)
+    assert model.decoder.first_global == 6 and model.decoder.local_scale == 32  # no attention: all local
+    torch.manual_seed(1)
+    for batch, side in ((2, 1), (1, 4)):
+        latent = torch.randn(batch, 32, side, side + 1)
+        with torch.no_grad():
+            want = ref.decoder(latent / 0.41407)
+        assert (want.abs() > 1).float().mean() < 0.05
+        assert rel_err(model.decode(latent), want.clamp(-1, 1)) < 1e-4
+    image = torch.rand(1, 3, 64, 96) * 2 - 1
+    with torch.no_grad():
+        assert rel_err(model.encode(image), ref.encode(image).latent * 0.41407) < 1e-4
+
+
+def test_dcae_lite_tiles_without_seams(lite):
+    model = load_autoencoder(lite[1]["diffusers"], device="cpu")
+    latent = torch.randn(1, 32, 4, 6)
+    untiled = model.decode(latent)
+    assert (model.decode_tiled(latent, tile=64) - untiled).abs().max() < 1e-5  # 2 x 3 tiles, full context
+    assert rel_err(model.decode_tiled(latent, tile=64, overlap=0), untiled) > 1e-2  # the context matters
+    full = ae.DCAE(ae.LITE_CONFIG, device="meta")
+    assert full.config.variant == "dc-ae-lite-f32c32-sana" and ae.DCAE(ae.FULL_CONFIG, device="meta").decoder.first_global == 3
+
+
+@pytest.mark.parametrize("options", [
+    dict(upsample_block_type="pixel_shuffle"),        # any value but "interpolate" pixel-shuffles
+    dict(downsample_block_type="pixel_unshuffle"),
+    dict(decoder_conv_act_fn="silu", decoder_in_shortcut=False, encoder_out_shortcut=False),
+])
+def test_options_are_read_as_diffusers_reads_them(tmp_path, options):
+    ref = randomized({**TINY, **options})
+    ref.save_pretrained(tmp_path)
+    model = load_autoencoder(tmp_path, device="cpu")
+    latent, image = torch.randn(1, 32, 2, 3), torch.rand(1, 3, 64, 32) * 2 - 1
+    with torch.no_grad():
+        assert rel_err(model.decode(latent), ref.decoder(latent / 0.41407).clamp(-1, 1)) < 1e-4
+        assert rel_err(model.encode(image), ref.encode(image).latent * 0.41407) < 1e-4
+
+
+@pytest.mark.parametrize("key, value", [("decoder_conv_act_fn", "gelu"), ("decoder_norm_types", "batch_norm"),
+                                        ("decoder_act_fns", ["relu"] * 6)])
+def test_unsupported_option_names_the_option_and_value(files, tmp_path, key, value):
+    folder = tmp_path / "vae"
+    shutil.copytree(files["folder"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(CheckpointError, match=f"config.json has {key}=.*{value[0] if isinstance(value, list) else value}"):
+        load_autoencoder(folder, device="cpu")
 
 
 def test_config_json_that_contradicts_the_weights_is_refused(files, tmp_path):
@@ -313,7 +393,7 @@ def test_pth_is_read_with_weights_only(files, tmp_path):
     marker = tmp_path / "code-ran"
     sd = {"state_dict": torch.load(files["pth"], weights_only=True)["state_dict"], "hook": _Marker(str(marker))}
     torch.save(sd, tmp_path / "unsafe.pth")
-    with pytest.raises(CheckpointError, match="only weights are loaded"):
+    with pytest.raises(CheckpointError, match="holds Python objects or code besides tensors"):
         load_autoencoder(tmp_path / "unsafe.pth", device="cpu")
     assert not marker.exists()
 
@@ -327,3 +407,32 @@ def test_demo_autoencoder_makes_non_constant_images(tmp_path):
     image = model.decode(torch.randn(1, 32, 2, 2))
     assert image.shape == (1, 3, 64, 64) and image.std() > 0.05 and (image.abs() < 1).float().mean() > 0.5
     assert model.encode(image).shape == (1, 32, 2, 2)
+
+
+class Cancelled(Exception):
+    pass
+
+
+def test_cancel_stops_a_long_decode_between_stages_and_tiles(files, monkeypatch):
+    """`between` (the node passes ComfyUI's interrupt check) runs after each stage / tile; raising stops there."""
+    model = load_autoencoder(files["single"], device="cpu")
+    latent = torch.randn(1, 32, 4, 6)
+    calls = []
+    model.decode_tiled(latent, tile=48, between=lambda: calls.append(1))
+    assert len(calls) == 3 + 12  # 3 global stages, then 3 x 4 tiles
+
+    def cancel_after(n):
+        def between():
+            calls.append(1)
+            if len(calls) >= n:
+                raise Cancelled
+        return between
+    calls.clear()
+    with pytest.raises(Cancelled):
+        model.decode_tiled(latent, tile=48, between=cancel_after(5))
+    assert len(calls) == 5
+    monkeypatch.setattr(runtime, "DECODE_MAX_PIXELS", 0)  # a decode too big for one CUDA graph replay
+    calls.clear()
+    with pytest.raises(Cancelled):
+        Runtime().decode(model, latent, between=cancel_after(2))
+    assert len(calls) == 2

@@ -136,17 +136,29 @@ def test_loaders_say_when_a_file_is_the_wrong_component_or_damaged(local, models
     (models / "diffusion_models" / DEMO["autoencoder"]).write_bytes((models / "vae" / DEMO["autoencoder"]).read_bytes())
     data = (models / "diffusion_models" / DEMO["transformer"]).read_bytes()
     (models / "diffusion_models" / "truncated.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=f"could not load '{DEMO['autoencoder']}' as a SANA transformer.*"
-                                              f"(autoencoder|VAE)"):
+    # in the words of the UI: the node and input to use, never the library's function names
+    with pytest.raises(CheckpointError, match=f"SANA Model Loader: '{DEMO['autoencoder']}' is a DC-AE autoencoder "
+                                              r"\(VAE\), not a SANA transformer.*load it with SANA VAE Loader") as e:
         run(SanaModelLoader, model_name=DEMO["autoencoder"], dtype="auto")
+    assert "load_" not in str(e.value)
     with pytest.raises(CheckpointError, match="truncated.safetensors.*(truncated|download it again)"):
         run(SanaModelLoader, model_name="truncated.safetensors", dtype="auto")
     (models / "vae" / DEMO["text_encoder"]).write_bytes((models / "text_encoders" / DEMO["text_encoder"]).read_bytes())
-    with pytest.raises(CheckpointError, match=f"{DEMO['text_encoder']}.*not a DC-AE.*text encoder"):
+    with pytest.raises(CheckpointError, match=f"{DEMO['text_encoder']}' is a Gemma-2 text encoder.*SANA Text Encoder "
+                                              f"Loader.*text_encoder_name") as e:
         run(SanaVAELoader, vae_name=DEMO["text_encoder"])
+    assert "load_" not in str(e.value)
     for name in (DEMO["autoencoder"], "truncated.safetensors"):
         (models / "diffusion_models" / name).unlink()
     (models / "vae" / DEMO["text_encoder"]).unlink()
+
+
+def test_loader_hints_a_file_lacks_are_worded_for_the_ui():
+    """The library asks for Python arguments (cross_heads=N); a ComfyUI user gets what to do instead."""
+    from sana_nodes import messages
+    error = messages.load_error(CheckpointError("... pass cross_heads=N ...", needs="cross_heads"), "transformer",
+                                "odd.safetensors")
+    assert str(error).startswith("SANA Model Loader: could not load 'odd.safetensors'") and "cross_heads" not in str(error)
 
 
 def test_loaded_models_report_their_size_and_device(loaded):
@@ -164,8 +176,10 @@ def test_empty_latent_sizes_and_presets(local):
     wide = run(SanaEmptyLatent, preset="1024: 1344x768 (7:4)", width=64, height=64, batch_size=1)[0]["samples"]
     assert wide.shape == (1, 32, 24, 42)  # the preset wins over width/height
     assert PRESETS["4K · 1:1 · 4096x4096"] == (4096, 4096) and len({b.split(" · ")[0] for b in PRESETS}) == 4
-    with pytest.raises(ValueError, match="width 1000 is not a positive multiple of 32.*992 or 1024"):
+    with pytest.raises(ValueError, match="SANA Empty Latent: width 1000 is not a multiple of 32.*set width to 992 or "
+                                         "1024, or pick a preset") as e:
         run(SanaEmptyLatent, preset="custom", width=1000, height=1024, batch_size=1)
+    assert "aspect_ratio" not in str(e.value)
 
 
 def test_text_encode_gives_standard_conditioning(loaded, local):
@@ -173,8 +187,8 @@ def test_text_encode_gives_standard_conditioning(loaded, local):
     assert emb.shape == (1, 300, 64) and extra["attention_mask"].shape == (1, 300)
     assert extra["attention_mask"][0, 0] == 1 and extra["attention_mask"].sum() < 300  # right padding
     assert emb.device == torch.device("cpu")
-    with pytest.raises(ValueError, match="prompt is empty.*turn 'instruction' off"):
-        run(SanaTextEncode, text_encoder=loaded["encoder"], text="  ", instruction=True)
+    ((empty, _),), = run(SanaTextEncode, text_encoder=loaded["encoder"], text="  ", instruction=True)
+    assert torch.equal(empty, loaded["negative"][0][0])  # empty text at default settings: the usual negative
 
 
 def test_text_encoder_offload_after_encoding(local, loaded, monkeypatch):
@@ -344,7 +358,7 @@ def test_runner_errors_are_clear(models, tmp_path, capsys):
     assert "node 8 (SanaSampler) is missing its required input 'positive' (CONDITIONING)" in attempt(missing, "--demo")
     assert "has no input 'stepz'" in attempt(workflow, "--demo", "--set", "SanaSampler.stepz=3")
     assert "takes a whole number, not 'many'" in attempt(workflow, "--demo", "--set", "SanaSampler.steps=many")
-    assert "node 7 (SanaEmptyLatent) failed: width 100 is not a positive multiple of 32" in \
+    assert "node 7 (SanaEmptyLatent) failed: SANA Empty Latent: width 100 is not a multiple of 32" in \
         attempt(workflow, "--demo", "--set", "SanaEmptyLatent.preset=custom", "--set", "SanaEmptyLatent.width=100")
     wrong_link = json.loads(json.dumps(workflow))
     wrong_link["8"]["inputs"]["latent_image"] = ["5", 0]

@@ -32,6 +32,7 @@ PROMPTS = [  # unchanged by diffusers' lower().strip(), different lengths, empty
     "",
     "東京の夜景, café naïve, ß and 😀",
 ]
+TO_INSTRUCT = [p for p in PROMPTS if p]  # an empty prompt is encoded as a negative (test_empty_prompt_...)
 WORDS = ("a the of on in with and at by cat dog fox sleeping eating busy city street dusk glowing lamps crowd "
          "people bus glass towers painting squirrel burger mountain lake river forest blue green red small fluffy "
          "white warm sunny windowsill flowers scene photo portrait light").split()
@@ -117,11 +118,11 @@ def assert_same(ours, ref):
 @pytest.mark.parametrize("layout", ["sharded", "pipeline", "single"])
 def test_instruction_matches_diffusers(gemma, encoders, layout):
     """Every layout gives diffusers' embeddings and mask, with its CHI text, for a mixed batch."""
-    ours = encoders[layout].encode(PROMPTS, instruction="sana-diffusers")
-    ref = diffusers_encode(gemma["pipe"], PROMPTS, list(INSTRUCTIONS["sana-diffusers"]))
+    ours = encoders[layout].encode(TO_INSTRUCT, instruction="sana-diffusers")
+    ref = diffusers_encode(gemma["pipe"], TO_INSTRUCT, list(INSTRUCTIONS["sana-diffusers"]))
     assert_same(ours, ref)
-    assert len(set(ours[1].sum(1).tolist())) == len(PROMPTS)  # the batch really has different lengths
-    assert ours[0].dtype == torch.float32 and ours[1].shape == (len(PROMPTS), MAX_TOKENS)
+    assert len(set(ours[1].sum(1).tolist())) == len(TO_INSTRUCT)  # the batch really has different lengths
+    assert ours[0].dtype == torch.float32 and ours[1].shape == (len(TO_INSTRUCT), MAX_TOKENS)
 
 
 def test_tokenizer_from_spiece_model_matches_sentencepiece(spiece_model, encoders):
@@ -152,7 +153,8 @@ def test_diffusers_instruction_text_unchanged():
 def test_custom_instruction_matches_diffusers(gemma, encoders):
     text = "Describe this picture:\n"
     assert instruction_text(text) == text
-    assert_same(encoders["single"].encode(PROMPTS, instruction=text), diffusers_encode(gemma["pipe"], PROMPTS, [text]))
+    assert_same(encoders["single"].encode(TO_INSTRUCT, instruction=text),
+                diffusers_encode(gemma["pipe"], TO_INSTRUCT, [text]))
 
 
 def test_no_instruction_matches_diffusers_negative_prompt(gemma, encoders):
@@ -300,3 +302,17 @@ def test_wrong_component(tmp_path, keys, looks):
 def test_bad_instruction_type(encoders):
     with pytest.raises(TypeError, match="instruction must be"):
         encoders["single"].encode("a cat", instruction=3)
+
+
+def test_empty_prompt_encodes_as_diffusers_negative_prompt(gemma, encoders):
+    """The usual ComfyUI negative: empty text at default settings (instruction on) must not raise; it is
+    diffusers' negative_prompt="" embedding (no instruction, 300 tokens), alone or in a batch."""
+    _, _, ref_emb, ref_mask = gemma["pipe"].encode_prompt(["x"], negative_prompt="", device="cpu",
+                                                          complex_human_instruction=None)
+    te = encoders["single"]
+    for instruction in (True, "sana-diffusers", False):
+        assert_same(te.encode("  ", instruction=instruction), (ref_emb, ref_mask))
+    mixed = te.encode([PROMPTS[0], ""], instruction="sana-diffusers")
+    with_chi = diffusers_encode(gemma["pipe"], PROMPTS[:1], list(INSTRUCTIONS["sana-diffusers"]))
+    assert_same((mixed[0][:1], mixed[1][:1]), with_chi)
+    assert_same((mixed[0][1:], mixed[1][1:]), (ref_emb, ref_mask))

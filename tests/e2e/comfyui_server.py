@@ -198,7 +198,8 @@ class WebSocket:
         return data
 
     def receive(self) -> dict:
-        """The next JSON text message."""
+        """The next JSON text message, or a node's progress text (a binary TEXT event) as
+        {"type": "progress_text", "data": {"node": id, "text": text}}."""
         while True:
             b0, b1 = self._read(2)
             length = b1 & 0x7F
@@ -215,6 +216,10 @@ class WebSocket:
                 raise ConnectionError("websocket closed by the server")
             if opcode == 0x1:
                 return json.loads(payload)
+            if opcode == 0x2 and struct.unpack(">I", payload[:4])[0] == 3:  # BinaryEventTypes.TEXT
+                n = struct.unpack(">I", payload[4:8])[0]
+                return {"type": "progress_text", "data": {"node": payload[8:8 + n].decode(),
+                                                           "text": payload[8 + n:].decode()}}
 
     def wait_for(self, predicate, timeout=120) -> dict:
         deadline = time.monotonic() + timeout

@@ -148,6 +148,38 @@ def test_a_latent_from_another_model_family_is_refused_clearly(server):
     assert error["node_type"] == "SanaSampler" and "4 channels" in error["exception_message"]
 
 
+def test_published_vae_folder_an_empty_negative_and_a_long_prompt(server, models):
+    """The VAE folder as published (its config.json says "Conv"), the negative an empty text-encode at default
+    settings (instruction on), and a prompt too long for 300 tokens: the image is made, and the truncation
+    warning shows on the positive text-encode node (progress text), not only in the server log."""
+    diffusers = pytest.importorskip("diffusers")
+    import torch
+    from test_published_files import DCAE_SANA
+    folder = models / "vae" / "dc-ae-f32c32-sana-1.1-diffusers"
+    torch.manual_seed(0)
+    diffusers.AutoencoderDC(**DCAE_SANA).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "downsample_block_type": "Conv"}))
+    prompt = small("sana_1024_text_to_image.json")
+    prompt[node_of(prompt, "SanaVAELoader")]["inputs"]["vae_name"] = folder.name
+    positive, negative = sorted((i for i, n in prompt.items() if n["class_type"] == "SanaTextEncode"),
+                                key=lambda i: prompt[i]["inputs"]["text"] == "")
+    prompt[negative]["inputs"].update(text="", instruction=True)
+    prompt[positive]["inputs"]["text"] = " ".join(["a red fox in the snow"] * 200)
+    socket = server.websocket()
+    try:
+        prompt_id = server.queue(prompt)
+        shown = socket.wait_for(lambda m: m.get("type") == "progress_text" and m["data"]["node"] == positive,
+                                timeout=300)
+    finally:
+        socket.close()
+    assert "too long" in shown["data"]["text"] and "tokens were dropped" in shown["data"]["text"]
+    entry = server.wait(prompt_id)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[:4000]
+    image = entry["outputs"][node_of(prompt, "SaveImage")]["images"][0]
+    assert Image.open(server.output_dir / image["subfolder"] / image["filename"]).size == (64, 64)
+
+
 def test_models_survive_eviction_between_prompts(server):
     prompt = small("sana_1024_text_to_image.json")
     first = run_ok(server, prompt)
