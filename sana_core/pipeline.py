@@ -168,13 +168,25 @@ class SanaPipeline:
 
         pipe = SanaPipeline(load_transformer(...), load_autoencoder(...), load_text_encoder(...))
         images = pipe("a red fox in the snow", seed=1)            # list of PIL images
+
+    devices=[0, 1]: one image on several GPUs (sana_core.parallel: worker processes, or torchrun's);
+    plan (a parallel.Plan) and timeout (seconds per collective) tune it.
     """
 
-    def __init__(self, transformer, autoencoder, text_encoder):
+    def __init__(self, transformer, autoencoder, text_encoder, *, devices=None, plan=None, timeout=None):
         self.transformer = transformer
         self.autoencoder = autoencoder
         self.text_encoder = text_encoder
         self._text_encoder_offloaded = False
+        self.parallel = None  # sana_core.parallel.Session when devices are given
+        if devices is not None:
+            from . import parallel
+            self.parallel = parallel.start(self, devices, plan=plan, timeout=timeout or parallel.DEFAULT_TIMEOUT)
+
+    def close(self):
+        """Stops the worker processes of devices=[...] (nothing to do otherwise)."""
+        if self.parallel is not None:
+            self.parallel.close()
 
     @property
     def device(self) -> torch.device:
@@ -194,6 +206,8 @@ class SanaPipeline:
         (`latents` replaces it). image (PIL or (B, 3, H, W) in [0, 1]) with denoise < 1:
         image-to-image. callback(step, total, x0) after each step; raising from it stops cleanly.
         """
+        if self.parallel is not None:  # the worker processes make this call too; Cancel reaches them all
+            callback = self.parallel.begin(dict(locals()), callback)
         if output not in ("pil", "tensor", "latent"):
             raise ValueError(f"output must be 'pil', 'tensor' or 'latent', got {output!r}")
         config = self.transformer.config
@@ -232,7 +246,8 @@ class SanaPipeline:
         latent = sample_latents(self.transformer, noise, cond, cond_mask, uncond, uncond_mask, sampler=sampler,
                                 steps=steps, cfg=cfg, pag_scale=pag_scale, pag_layers=pag_layers, shift=shift,
                                 denoise=denoise, latent=clean, seed=seed, callback=callback,
-                                integer_timesteps=integer_timesteps)
+                                integer_timesteps=integer_timesteps,
+                                cuda_graphs=False if self.parallel is not None else None)
         if output == "latent":
             return latent
         with torch.no_grad():
