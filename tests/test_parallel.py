@@ -2,6 +2,7 @@
 (CFG / PAG branches), by row bands (odd splits) and both equals single-process sampling, the split
 decode equals the single decode, with 2, 3, 4 and 8 processes; a killed process gives a clear error,
 not a hang; SanaPipeline(devices=...) spawns workers, samples, cancels and shuts down."""
+import functools
 import os
 import subprocess
 import sys
@@ -182,29 +183,33 @@ PIPELINE_SCRIPT = textwrap.dedent("""
     from sana_core.parallel import Plan
     from sana_core.pipeline import SanaPipeline
 
-    paths = write_demo_models(sys.argv[1])
-    def parts():
-        return (load_transformer(paths["transformer"], device="cpu", dtype=torch.float32),
-                load_autoencoder(paths["autoencoder"], device="cpu", dtype=torch.float32),
-                load_text_encoder(paths["text_encoder"], device="cpu", dtype=torch.float32))
-    args = dict(width=192, height=160, steps=3, seed=5, output="tensor")
-    single = SanaPipeline(*parts())("a red fox", **args)
-    pipe = SanaPipeline(*parts(), devices=["cpu", "cpu"], plan=Plan(1, 2), timeout=30)
-    image = pipe("a red fox", **args)
-    err = ((image - single).norm() / single.norm()).item()
-    assert err < 1e-5, err
-    def cancel(step, total, x0):
-        if step == 2:
-            raise KeyboardInterrupt("Cancel")
-    try:
-        pipe("a red fox", callback=cancel, **args)
-        raise AssertionError("not cancelled")
-    except KeyboardInterrupt:
-        pass
-    again = pipe("a red fox", **args)  # the workers are still there after a Cancel
-    assert torch.equal(again, image)
-    pipe.close()
-    print("OK", err)
+    def main():
+        paths = write_demo_models(sys.argv[1])
+        def parts():
+            return (load_transformer(paths["transformer"], device="cpu", dtype=torch.float32),
+                    load_autoencoder(paths["autoencoder"], device="cpu", dtype=torch.float32),
+                    load_text_encoder(paths["text_encoder"], device="cpu", dtype=torch.float32))
+        args = dict(width=192, height=160, steps=3, seed=5, output="tensor")
+        single = SanaPipeline(*parts())("a red fox", **args)
+        pipe = SanaPipeline(*parts(), devices=["cpu", "cpu"], plan=Plan(1, 2), timeout=30)
+        image = pipe("a red fox", **args)
+        err = ((image - single).norm() / single.norm()).item()
+        assert err < 1e-5, err
+        def cancel(step, total, x0):
+            if step == 2:
+                raise KeyboardInterrupt("Cancel")
+        try:
+            pipe("a red fox", callback=cancel, **args)
+            raise AssertionError("not cancelled")
+        except KeyboardInterrupt:
+            pass
+        again = pipe("a red fox", **args)  # the workers are still there after a Cancel
+        assert torch.equal(again, image)
+        pipe.close()
+        print("OK", err)
+
+    if __name__ == "__main__":  # the spawned workers import this script
+        main()
 """)
 
 
@@ -216,5 +221,23 @@ def test_pipeline_devices_spawns_workers_cancels_and_closes(tmp_path):
     script.write_text(PIPELINE_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     done = subprocess.run([sys.executable, str(script), str(tmp_path / "models")], capture_output=True, text=True,
-                          timeout=120, env=env, cwd=Path(__file__).parent.parent)
+                          timeout=300, env=env, cwd=Path(__file__).parent.parent)
     assert done.returncode == 0 and "OK" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_attention_reduce_adds_the_other_bands_sums(backend):
+    """The band hook of the linear attention: the tokens' KV / Ksum sums pass through `reduce` before they
+    are applied; adding the other tokens' sums there gives the whole sequence's attention (Triton under
+    TRITON_INTERPRET on the CPU)."""
+    from sana_core.kernels import linear_attention_torch, linear_attention_triton
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn((2, 40, 64), generator=g) for _ in range(3))
+    whole = linear_attention_torch(q, k, v, head_dim=32)
+    rest = []
+    linear_attention_torch(q[:, 17:], k[:, 17:], v[:, 17:], head_dim=32, reduce=lambda kv, ks: rest.append((kv, ks)) or (kv, ks))
+    attend = functools.partial(linear_attention_triton, block_n=16, block_m=16, split=2) if backend == "triton" \
+        else linear_attention_torch  # Triton: two token ranges, their partial sums added before `reduce`
+    top = attend(q[:, :17], k[:, :17], v[:, :17], head_dim=32,
+                 reduce=lambda kv, ks: (kv + rest[0][0], ks + rest[0][1]))
+    assert rel_err(top, whole[:, :17]) < 1e-6
