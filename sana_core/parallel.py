@@ -14,9 +14,9 @@ over P processes follows a Plan of `groups` x `bands` processes, rank = group * 
   the other bands' (exact: the same sums, added in another order); the Mix-FFN's 3x3 depthwise conv
   needs the row above and below the band, sent by the neighbouring bands (halo). The 2K/4K position
   embedding is added for the whole image before the band's rows are taken.
-choose_plan: groups first (they need no per-layer communication), as many as the world and the batch
-allow; the rest of the world goes to bands, only at 2K and above (BAND_MIN_HEIGHT) and at most one per
-MIN_BAND_ROWS latent rows; ranks a plan leaves out only take part in the output's all-gather.
+choose_plan: the least DiT work per process, batch groups before bands where equal (they need no
+per-layer communication); bands only at 2K and above. Ranks a plan leaves out (3 processes, 1024 px, CFG:
+two branches) only take part in the output's all-gather.
 
 The decode (`decode`): the DC-AE's stages 3-5 (global attention, at 1/8 of the image size) run on every
 process; stages 0-2 and the head (convolutions, most of the work) on one row band per process with
@@ -32,6 +32,7 @@ import functools
 import logging
 import os
 import socket
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -83,11 +84,12 @@ class Plan:
 
 def choose_plan(world: int, batch: int, height: int) -> Plan:
     """The split of a DiT call of `batch` latents (samples x CFG/PAG branches) of `height` latent rows
-    over `world` processes: as many batch groups as divide the world (at most the batch), then row bands
-    with the rest, at 2K and above and at least MIN_BAND_ROWS rows each."""
-    groups = max(d for d in range(1, min(world, batch) + 1) if world % d == 0)
-    bands = world // groups if height >= BAND_MIN_HEIGHT else 1
-    return Plan(groups, max(1, min(bands, height // MIN_BAND_ROWS)))
+    over `world` processes: the least work per process (latents of the largest group share / bands); among
+    equals the fewest bands (batch groups need no per-layer communication). Bands only at 2K and above
+    (BAND_MIN_HEIGHT), with at least MIN_BAND_ROWS rows each."""
+    max_bands = max(1, height // MIN_BAND_ROWS) if height >= BAND_MIN_HEIGHT else 1
+    plans = [Plan(g, b) for g in range(1, min(world, batch) + 1) for b in range(1, min(world // g, max_bands) + 1)]
+    return min(plans, key=lambda p: (-(-batch // p.groups) / p.bands, p.bands))
 
 
 class Comm:
@@ -103,6 +105,7 @@ class Comm:
         self.device = torch.device(device)
         self.timeout = datetime.timedelta(seconds=timeout)
         self.failed = None  # the first failure's message
+        self.seconds = None  # a benchmark sets 0.0: then the wall time of the collectives adds up here (synchronised)
         self._groups = {}  # ranks -> process group
 
     def check(self):
@@ -120,8 +123,11 @@ class Comm:
     def talking(self, what: str):
         """Runs collectives; turns their failures (a dead peer, a timeout) into one clear ParallelError."""
         self.check()
+        start = self._clock()
         try:
             yield
+            if start is not None:
+                self.seconds += self._clock() - start
         except Exception as e:
             if isinstance(e, (ParallelError, Cancelled)) or not isinstance(e, (RuntimeError, dist.DistError)):
                 raise
@@ -129,6 +135,13 @@ class Comm:
             raise ParallelError(f"{self.failed}. Another process died, ran out of memory or did not answer "
                                 f"within {self.timeout.total_seconds():.0f} s (SANA_PARALLEL_TIMEOUT); this "
                                 f"call's images are lost and the processes must be started again") from e
+
+    def _clock(self):
+        if self.seconds is None:
+            return None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def wait(self, works):
         for work in works if isinstance(works, list) else [works]:

@@ -145,8 +145,10 @@ def test_choose_plan():
     assert choose_plan(8, 2, 128) == Plan(2, 4)
     assert choose_plan(8, 2, 64) == Plan(2, 4)  # 2K: 16 rows per band
     assert choose_plan(8, 2, 32) == Plan(2, 1)  # 1024 px: bands do not pay, 6 processes wait
-    assert choose_plan(3, 2, 128) == Plan(1, 3)  # 2 branches do not divide 3 processes: 3 bands
+    assert choose_plan(3, 2, 32) == Plan(2, 1)  # 1 waits
+    assert choose_plan(3, 2, 128) == Plan(1, 3)  # 2/3 of a latent each, not 1
     assert choose_plan(3, 3, 128) == Plan(3, 1)  # CFG + PAG
+    assert choose_plan(4, 3, 128) == Plan(1, 4)  # not 2 + 1 latents over 2 x 2
     assert split(13, 3) == [(0, 5), (5, 9), (9, 13)]
 
 
