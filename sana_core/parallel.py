@@ -254,6 +254,9 @@ class ParallelTransformer(nn.Module):
     def encode_caption(self, context, context_mask=None):
         return self.model.encode_caption(context, context_mask)
 
+    def clear_device_caches(self):
+        self.model.clear_device_caches()
+
     def forward(self, x, timestep, context, context_mask=None, guidance=None, *, perturbed=None,
                 perturbed_layers=()):
         B, _, H, W = x.shape
@@ -318,15 +321,19 @@ def decode(autoencoder, latent, comm: Comm) -> torch.Tensor:
     return _finish(pixels)
 
 
-class ParallelAutoencoder:
-    """The pipeline's autoencoder, its decodes shared out over the processes (`decode`); everything else
-    (encode, device, dtype, ...) is the wrapped autoencoder's."""
+class ParallelAutoencoder(nn.Module):
+    """An autoencoder (DCAE) whose decode and decode_auto are shared out over the processes (`decode`);
+    everything else (encode, decode_tiled, device, dtype, ...) is the wrapped autoencoder's."""
 
     def __init__(self, autoencoder, comm: Comm):
+        super().__init__()
         self.autoencoder, self.comm = autoencoder, comm
 
     def __getattr__(self, name):
-        return getattr(self.autoencoder, name)
+        try:
+            return super().__getattr__(name)  # the submodule
+        except AttributeError:
+            return getattr(self.autoencoder, name)
 
     def decode(self, latent):
         return decode(self.autoencoder, latent, self.comm)

@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -243,3 +244,27 @@ def test_linear_attention_reduce_adds_the_other_bands_sums(backend):
     top = attend(q[:, :17], k[:, :17], v[:, :17], head_dim=32,
                  reduce=lambda kv, ks: (kv + rest[0][0], ks + rest[0][1]))
     assert rel_err(top, whole[:, :17]) < 1e-6
+
+
+def test_sana_run_devices_makes_the_single_process_image(tmp_path):
+    """sana-run --devices cpu,cpu (a second process spawned, gloo) saves the image one process makes, at a
+    size where the chosen plan cuts the 2K-tall latent into row bands as well."""
+    from PIL import Image
+
+    from sana_nodes.runner import main
+    workflow = str(Path(__file__).parent.parent / "workflows" / "api" / "sana_1024_text_to_image.json")
+    sets = ["--set", "SanaSampler.steps=2", "--set", "SanaSampler.cfg=1", "--set", "SanaEmptyLatent.width=128",
+            "--set", "SanaEmptyLatent.height=2048"]  # no CFG: one latent per call, so two 32-row bands
+    argv = [workflow, "--write-demo-models", str(tmp_path / "models"), "--demo", "--cpu", *sets,
+            "--output", str(tmp_path / "single")]
+    assert main(argv) == 0
+    argv = [workflow, "--models", str(tmp_path / "models"), "--demo", "--devices", "cpu,cpu", *sets,
+            "--output", str(tmp_path / "parallel")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "sana_nodes.runner", *argv], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    single, = (tmp_path / "single").rglob("*.png")
+    par, = (tmp_path / "parallel").rglob("*.png")
+    a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in (single, par))
+    assert a.shape == (2048, 128, 3) and np.abs(a - b).max() <= 1
