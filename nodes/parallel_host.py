@@ -41,26 +41,26 @@ class ParallelHost(host.LocalHost):
 
 def parallel_host(devices: str, argv, worker, *, models_dir, output_dir, input_dir, timeout=parallel.DEFAULT_TIMEOUT):
     """The host of this process for `--devices` ("0,1", "cpu,cpu"): process 0 (worker None) spawns one
-    process per other device, each running sana-run with the same argv (worker = (rank, init_method))."""
+    process per other device, each running sana-run with the same argv (worker = (rank, port))."""
     devices = [parallel.device_of(d.strip()) for d in devices.split(",") if d.strip()]
     if len(devices) < 2:
         raise ValueError(f"--devices {devices}: name two or more devices, e.g. 0,1")
     os.environ[cuda_graphs.ENV] = "0"  # the graphs would capture the collectives
     workers = None
     if worker is None:
-        rank, init_method = 0, f"tcp://127.0.0.1:{parallel._free_port()}"
-        workers = mp.start_processes(_worker, args=(list(argv), init_method), nprocs=len(devices) - 1, join=False,
+        rank, port = 0, parallel._free_port()
+        workers = mp.start_processes(_worker, args=(list(argv), port), nprocs=len(devices) - 1, join=False,
                                      start_method="spawn")
     else:
-        rank, init_method = worker
+        rank, port = worker
         output_dir = tempfile.mkdtemp(prefix="sana-run-worker-")
-    parallel._init_group(devices[rank], rank, len(devices), init_method, timeout)
+    parallel._init_group(devices[rank], rank, len(devices), timeout, port)
     comm = parallel.Comm(devices[rank], timeout)
     return ParallelHost(comm, workers, models_dir=models_dir, device=devices[rank], output_dir=output_dir,
                         input_dir=input_dir)
 
 
-def _worker(index, argv, init_method):
+def _worker(index, argv, port):
     from .runner import main
-    main(argv, worker=(index + 1, init_method))
+    main(argv, worker=(index + 1, port))
 

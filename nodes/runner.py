@@ -386,7 +386,7 @@ def execute(prompt: dict, *, ui_workflow: dict | None = None, classes: dict | No
 
 
 def main(argv=None, worker=None) -> int:
-    """worker: (rank, init_method) in the processes --devices spawns."""
+    """worker: (rank, port of process 0) in the processes --devices spawns."""
     parser = argparse.ArgumentParser(prog="sana-run", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="example: sana-run workflows/api/sana_1024_text_to_image.json --models "

@@ -47,6 +47,7 @@ from .transformer import Caption
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = float(os.environ.get("SANA_PARALLEL_TIMEOUT", 300))  # seconds a collective may wait
+START_TIMEOUT = 600  # seconds the processes may take to start and meet
 BAND_MIN_HEIGHT = 64  # latent rows (2048 px) from which row bands pay for their communication
 MIN_BAND_ROWS = 16  # latent rows per band at least
 
@@ -143,9 +144,9 @@ class Comm:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def wait(self, works):
+    def wait(self, works):  # within the process group's timeout (gloo: an error; NCCL: its watchdog)
         for work in works if isinstance(works, list) else [works]:
-            work.wait(self.timeout)
+            work.wait()
 
     def all_reduce(self, tensor, what, *, op=dist.ReduceOp.SUM, group=None):
         with self.talking(what):
@@ -157,13 +158,6 @@ class Comm:
         with self.talking(what):
             self.wait(dist.all_gather(parts, tensor.contiguous(), async_op=True))
         return parts
-
-    def broadcast_object(self, obj=None):
-        """rank 0's obj, on every rank (blocks until rank 0 sends: a worker waiting for the next call)."""
-        box = [obj]
-        with self.talking("receiving the next call"):
-            dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
-        return box[0]
 
 
 class Band:
@@ -266,9 +260,10 @@ class ParallelTransformer(nn.Module):
             raise ValueError(f"{plan} does not fit {comm.world} processes and {H} latent rows")
         self.last_plan = plan
         shares, bands = split(B, plan.groups), split(H, plan.bands)
-        with comm.talking("creating the band process groups"):
-            groups = [comm.group(tuple(range(g * plan.bands, (g + 1) * plan.bands))) for g in range(plan.groups)]
-        del groups  # every process made every group (new_group is collective); a band finds its own
+        if plan.bands > 1:  # every process makes every band group (new_group is collective)
+            with comm.talking("creating the band process groups"):
+                for g in range(plan.groups):
+                    comm.group(tuple(range(g * plan.bands, (g + 1) * plan.bands)))
         role = plan.role(comm.rank)
         out = torch.zeros((-(-B // plan.groups), self.config.out_channels, -(-H // plan.bands), W),
                           dtype=x.dtype, device=x.device)  # this rank's part, padded to the largest
@@ -350,13 +345,16 @@ def device_of(spec) -> torch.device:
     return torch.device(spec)
 
 
-def _init_group(device, rank, world, init_method, timeout):
+def _init_group(device, rank, world, timeout, port=None):
+    """Joins the process group: torchrun's (port None), or the one whose rank 0 listens on 127.0.0.1:port,
+    waiting up to START_TIMEOUT for the others to start (a worker imports torch and loads its models)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout),
-                            **({"device_id": device} if device.type == "cuda" else {}))
+    where = {"init_method": "env://"} if port is None else {"store": dist.TCPStore(
+        "127.0.0.1", port, world, is_master=rank == 0, timeout=datetime.timedelta(seconds=START_TIMEOUT))}
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout),
+                            **where, **({"device_id": device} if device.type == "cuda" else {}))
 
 
 def init(devices=None, *, timeout: float = DEFAULT_TIMEOUT) -> torch.device:
@@ -370,7 +368,7 @@ def init(devices=None, *, timeout: float = DEFAULT_TIMEOUT) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
             else torch.device("cpu")
     if not dist.is_initialized():
-        _init_group(device, rank, world, "env://", timeout)
+        _init_group(device, rank, world, timeout)
     return device
 
 
@@ -386,6 +384,16 @@ class Session:
 
     def __init__(self, comm: Comm, leader: bool, workers=None):
         self.comm, self.leader, self.workers = comm, leader, workers
+        # the calls go out on a CPU group without a timeout: a worker may wait days for the next one
+        # (it still learns at once of a leader that died: the connection closes)
+        self.calls = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
+
+    def broadcast_call(self, call=None):
+        """The leader's `call` (its arguments, or None: exit) on every process; a worker waits here."""
+        box = [call]
+        with self.comm.talking("sending the call to the workers"):
+            dist.broadcast_object_list(box, src=0, group=self.calls)
+        return box[0]
 
     def begin(self, call: dict, callback):
         """At the start of SanaPipeline.__call__ (`call`: its arguments): the leader sends the call to the
@@ -393,7 +401,7 @@ class Session:
         processes agree on, so that a Cancel (the callback raising) stops them all."""
         self.comm.check()
         if self.leader:
-            self.comm.broadcast_object({k: v for k, v in call.items() if k not in ("self", "callback")})
+            self.broadcast_call({k: v for k, v in call.items() if k not in ("self", "callback")})
         return functools.partial(self._step, callback)
 
     def _step(self, callback, step, total, x0):
@@ -416,7 +424,7 @@ class Session:
             return
         if self.leader and not self.comm.failed:
             try:
-                self.comm.broadcast_object(None)
+                self.broadcast_call(None)
             except ParallelError:
                 pass
         if self.workers is not None:
@@ -443,12 +451,12 @@ def start(pipe, devices, *, plan: Plan = None, timeout: float = DEFAULT_TIMEOUT)
                              f"{dist.get_world_size()} processes: give one device per process")
         device = devices[dist.get_rank()]
     else:
-        device, init_method = devices[0], f"tcp://127.0.0.1:{_free_port()}"
-        workers = mp.start_processes(_worker, args=(init_method, [str(d) for d in devices],
+        device, port = devices[0], _free_port()
+        workers = mp.start_processes(_worker, args=(port, [str(d) for d in devices],
                                                     (pipe.transformer, pipe.autoencoder, pipe.text_encoder),
                                                     plan, timeout),
                                      nprocs=len(devices) - 1, join=False, daemon=True, start_method="spawn")
-        _init_group(device, 0, len(devices), init_method, timeout)
+        _init_group(device, 0, len(devices), timeout, port)
         leader = True
     comm = Comm(device, timeout)
     pipe.transformer = ParallelTransformer(pipe.transformer.to(device), comm, plan)
@@ -457,17 +465,17 @@ def start(pipe, devices, *, plan: Plan = None, timeout: float = DEFAULT_TIMEOUT)
     return Session(comm, leader, workers)
 
 
-def _worker(index, init_method, devices, components, plan, timeout):
+def _worker(index, port, devices, components, plan, timeout):
     """A spawned process (rank index + 1): the same pipeline on its device, making the leader's calls
     until the leader sends None."""
     from .pipeline import SanaPipeline
     rank = index + 1
     device = device_of(devices[rank])
-    _init_group(device, rank, len(devices), init_method, timeout)
+    _init_group(device, rank, len(devices), timeout, port)
     pipe = SanaPipeline(*components, devices=devices, plan=plan, timeout=timeout)
     while True:
         try:
-            call = pipe.parallel.comm.broadcast_object()
+            call = pipe.parallel.broadcast_call()
         except ParallelError as e:
             log.error("SANA worker %d: %s", rank, e)
             break

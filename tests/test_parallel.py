@@ -180,7 +180,7 @@ def test_killed_process_gives_a_clear_error_not_a_hang(tmp_path):
 
 
 PIPELINE_SCRIPT = textwrap.dedent("""
-    import sys, torch
+    import sys, time, torch
     from sana_core import load_autoencoder, load_text_encoder, load_transformer
     from sana_core.demo import write_demo_models
     from sana_core.parallel import Plan
@@ -194,7 +194,7 @@ PIPELINE_SCRIPT = textwrap.dedent("""
                     load_text_encoder(paths["text_encoder"], device="cpu", dtype=torch.float32))
         args = dict(width=192, height=160, steps=3, seed=5, output="tensor")
         single = SanaPipeline(*parts())("a red fox", **args)
-        pipe = SanaPipeline(*parts(), devices=["cpu", "cpu"], plan=Plan(1, 2), timeout=30)
+        pipe = SanaPipeline(*parts(), devices=["cpu", "cpu"], plan=Plan(1, 2), timeout=10)
         image = pipe("a red fox", **args)
         err = ((image - single).norm() / single.norm()).item()
         assert err < 1e-5, err
@@ -206,6 +206,7 @@ PIPELINE_SCRIPT = textwrap.dedent("""
             raise AssertionError("not cancelled")
         except KeyboardInterrupt:
             pass
+        time.sleep(12)  # idle longer than the collectives' timeout: the workers wait for calls without one
         again = pipe("a red fox", **args)  # the workers are still there after a Cancel
         assert torch.equal(again, image)
         pipe.close()
@@ -218,8 +219,8 @@ PIPELINE_SCRIPT = textwrap.dedent("""
 
 def test_pipeline_devices_spawns_workers_cancels_and_closes(tmp_path):
     """SanaPipeline(..., devices=["cpu", "cpu"]) from a fresh process (as a user's script): the image equals
-    the single-process one, a Cancel from the callback stops every process, the next call works, close()
-    ends the workers (the script exits)."""
+    the single-process one, a Cancel from the callback stops every process, the next call works (after an
+    idle wait longer than the timeout), close() ends the workers (the script exits)."""
     script = tmp_path / "run.py"
     script.write_text(PIPELINE_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -253,8 +254,8 @@ def test_sana_run_devices_makes_the_single_process_image(tmp_path):
 
     from sana_nodes.runner import main
     workflow = str(Path(__file__).parent.parent / "workflows" / "api" / "sana_1024_text_to_image.json")
-    sets = ["--set", "SanaSampler.steps=2", "--set", "SanaSampler.cfg=1", "--set", "SanaEmptyLatent.width=128",
-            "--set", "SanaEmptyLatent.height=2048"]  # no CFG: one latent per call, so two 32-row bands
+    sets = ["--set", "SanaSampler.steps=2", "--set", "SanaSampler.cfg=1", "--set", "SanaEmptyLatent.preset=custom",
+            "--set", "SanaEmptyLatent.width=128", "--set", "SanaEmptyLatent.height=2048"]  # no CFG: one latent per call, so two 32-row bands
     argv = [workflow, "--write-demo-models", str(tmp_path / "models"), "--demo", "--cpu", *sets,
             "--output", str(tmp_path / "single")]
     assert main(argv) == 0
