@@ -130,7 +130,7 @@ class Comm:
             if start is not None:
                 self.seconds += self._clock() - start
         except Exception as e:
-            if isinstance(e, (ParallelError, Cancelled)) or not isinstance(e, (RuntimeError, dist.DistError)):
+            if isinstance(e, (ParallelError, Cancelled)) or not isinstance(e, RuntimeError):  # DistError is one
                 raise
             self.failed = f"{what} on rank {self.rank} of {self.world}: {type(e).__name__}: {str(e)[:300]}"
             raise ParallelError(f"{self.failed}. Another process died, ran out of memory or did not answer "
