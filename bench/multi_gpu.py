@@ -16,7 +16,6 @@ largest pixel difference in 8-bit steps).
 import argparse
 import datetime
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from checkout import import_sana  # noqa: E402
 
 import_sana()
-from sana_core import parallel, pipeline as P, transformer as T  # noqa: E402
+from sana_core import parallel, pipeline as P  # noqa: E402
 
 PROMPT = "a cyberpunk cat with a neon sign that says sana, rain on the street, reflections, highly detailed"
 STEPS, CFG = 20, 4.5
@@ -111,13 +110,6 @@ def worker(rank, world, init_method, args, folder):
     dist.destroy_process_group()
 
 
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gpus", default="1,2", help="GPU counts to compare, the first is the baseline (1)")
@@ -133,7 +125,7 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for world in counts:
-            mp.start_processes(worker, args=(world, f"tcp://127.0.0.1:{free_port()}", args, folder), nprocs=world,
+            mp.start_processes(worker, args=(world, f"tcp://127.0.0.1:{parallel._free_port()}", args, folder), nprocs=world,
                                start_method="spawn")
             rows += json.loads((Path(folder) / f"rows-{world}.json").read_text())
         for r in rows:

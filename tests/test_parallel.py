@@ -128,7 +128,8 @@ def references():
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
 def test_parallel_sampling_and_decode_equal_single_process(world, tmp_path, references):
     """Every rank ends with the single-process latent (float32, rel < 1e-5) for every plan, and the same
-    decoded image (the 4- and 8-process runs, issue 23, take about ... s together on 2 cores)."""
+    decoded image (the 4- and 8-process runs of issue 23 together: 66 s of CPU, mostly each process
+    importing torch)."""
     samples, image = references
     case, keys = CASES[world]
     results = run(world, case, tmp_path)
@@ -239,7 +240,8 @@ def test_linear_attention_reduce_adds_the_other_bands_sums(backend):
     q, k, v = (torch.randn((2, 40, 64), generator=g) for _ in range(3))
     whole = linear_attention_torch(q, k, v, head_dim=32)
     rest = []
-    linear_attention_torch(q[:, 17:], k[:, 17:], v[:, 17:], head_dim=32, reduce=lambda kv, ks: rest.append((kv, ks)) or (kv, ks))
+    linear_attention_torch(q[:, 17:], k[:, 17:], v[:, 17:], head_dim=32,
+                           reduce=lambda kv, ks: rest.append((kv, ks)) or (kv, ks))  # keeps the other part's sums
     attend = functools.partial(linear_attention_triton, block_n=16, block_m=16, split=2) if backend == "triton" \
         else linear_attention_torch  # Triton: two token ranges, their partial sums added before `reduce`
     top = attend(q[:, :17], k[:, :17], v[:, :17], head_dim=32,
@@ -254,8 +256,9 @@ def test_sana_run_devices_makes_the_single_process_image(tmp_path):
 
     from sana_nodes.runner import main
     workflow = str(Path(__file__).parent.parent / "workflows" / "api" / "sana_1024_text_to_image.json")
+    # no CFG: one latent per call, so two 32-row bands
     sets = ["--set", "SanaSampler.steps=2", "--set", "SanaSampler.cfg=1", "--set", "SanaEmptyLatent.preset=custom",
-            "--set", "SanaEmptyLatent.width=128", "--set", "SanaEmptyLatent.height=2048"]  # no CFG: one latent per call, so two 32-row bands
+            "--set", "SanaEmptyLatent.width=128", "--set", "SanaEmptyLatent.height=2048"]
     argv = [workflow, "--write-demo-models", str(tmp_path / "models"), "--demo", "--cpu", *sets,
             "--output", str(tmp_path / "single")]
     assert main(argv) == 0
