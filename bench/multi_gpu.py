@@ -125,8 +125,8 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for world in counts:
-            mp.start_processes(worker, args=(world, f"tcp://127.0.0.1:{parallel._free_port()}", args, folder), nprocs=world,
-                               start_method="spawn")
+            init_method = f"tcp://127.0.0.1:{parallel._free_port()}"
+            mp.start_processes(worker, args=(world, init_method, args, folder), nprocs=world, start_method="spawn")
             rows += json.loads((Path(folder) / f"rows-{world}.json").read_text())
         for r in rows:
             base = next(b for b in rows if b["px"] == r["px"] and b["gpus"] == counts[0])
