@@ -6,6 +6,7 @@ the one started from the command line: it spawns the others and alone shows prog
 (the others save into a temporary folder that is deleted).
 """
 import os
+import shutil
 import tempfile
 
 import torch.distributed as dist
@@ -13,6 +14,7 @@ import torch.multiprocessing as mp
 from sana_core import cuda_graphs, parallel
 
 from . import host
+from .runner import WorkflowError
 
 
 class ParallelHost(host.LocalHost):
@@ -36,6 +38,8 @@ class ParallelHost(host.LocalHost):
         """Process 0 waits for the others to finish the workflow; every process leaves the group."""
         if self.workers is not None:
             self.workers.join()
+        else:
+            shutil.rmtree(self.output_dir, ignore_errors=True)
         dist.destroy_process_group()
 
 
@@ -44,7 +48,7 @@ def parallel_host(devices: str, argv, worker, *, models_dir, output_dir, input_d
     process per other device, each running sana-run with the same argv (worker = (rank, port))."""
     devices = [parallel.device_of(d.strip()) for d in devices.split(",") if d.strip()]
     if len(devices) < 2:
-        raise ValueError(f"--devices {devices}: name two or more devices, e.g. 0,1")
+        raise WorkflowError(f"--devices {devices}: name two or more devices, e.g. 0,1")
     os.environ[cuda_graphs.ENV] = "0"  # the graphs would capture the collectives
     workers = None
     if worker is None:
