@@ -99,9 +99,10 @@ def _num_sms(device) -> int:
 
 
 def _attend_triton(q, k, v, out, eps, mask, *, channels_first=False, block_n=64, block_m=64, split=None,
-                   num_warps=4, num_stages=3):
+                   num_warps=4, num_stages=3, reduce=None):
     """q, k, v, out: (B, heads, N, D) views with any strides; mask (B, N) or None. Writes out.
-    channels_first: strides that are multiples of N (the DC-AE's), compiled once for every N."""
+    channels_first: strides that are multiples of N (the DC-AE's), compiled once for every N.
+    reduce: see linear_attention."""
     B, H, N, D = q.shape
     if D not in TRITON_HEAD_DIMS:
         raise ValueError(f"the Triton linear attention supports head_dim in {TRITON_HEAD_DIMS}, got {D}")
@@ -123,20 +124,27 @@ def _attend_triton(q, k, v, out, eps, mask, *, channels_first=False, block_n=64,
     kv_kernel[grid](k, v, m, kv, ks, N, split, tokens, *k.stride(), *v.stride(), smb, smn,
                     D=D, BLOCK_N=block_n, HAS_MASK=mask is not None, PRECISION=precision,
                     num_warps=num_warps, num_stages=num_stages)
-    out_kernel[grid](q, kv, ks, out, N, split, tokens, float(eps), *q.stride(), *out.stride(),
+    n_read = split  # partial sums pass 2 adds up
+    if reduce is not None:  # sana_core.parallel: these tokens' sums, combined with other processes' first
+        kv, ks = reduce(kv.sum(2), ks.sum(2))
+        kv, ks, n_read = kv[:, :, None].contiguous(), ks[:, :, None].contiguous(), 1
+    out_kernel[grid](q, kv, ks, out, N, n_read, tokens, float(eps), *q.stride(), *out.stride(),
                      D=D, BLOCK_M=block_m, SPLIT_BF16=q.dtype == torch.bfloat16, PRECISION=precision,
                      num_warps=num_warps, num_stages=num_stages)
     return out
 
 
-def _attend_torch(q, k, v, eps, mask):
-    """q, k, v: (B, heads, N, D); mask (B, N) or None -> (B, heads, N, D) float32 (float64 if given)."""
+def _attend_torch(q, k, v, eps, mask, reduce=None):
+    """q, k, v: (B, heads, N, D); mask (B, N) or None -> (B, heads, N, D) float32 (float64 if given).
+    reduce: see linear_attention."""
     q, k, v = upcast(q).relu(), upcast(k).relu(), upcast(v)
     if mask is not None:
         k = k * mask.to(k.dtype)[:, None, :, None]
     kv = k.transpose(-1, -2) @ v                   # (B, heads, D, D)
-    ksum = k.sum(dim=2, keepdim=True)              # (B, heads, 1, D)
-    return (q @ kv) / (q @ ksum.transpose(-1, -2) + eps)
+    ksum = k.sum(dim=2)                            # (B, heads, D)
+    if reduce is not None:
+        kv, ksum = reduce(kv, ksum)
+    return (q @ kv) / (q @ ksum[..., None] + eps)
 
 
 # --- DiT self-attention: tokens-major (B, N, C), heads contiguous along C (C = heads * head_dim) ---
@@ -157,33 +165,36 @@ def _heads(t, head_dim):  # (B, N, C) -> (B, heads, N, head_dim) view
     return t.unflatten(-1, (-1, head_dim)).transpose(1, 2)
 
 
-def linear_attention_torch(q, k, v, eps=1e-15, mask=None, *, head_dim=32):
+def linear_attention_torch(q, k, v, eps=1e-15, mask=None, *, head_dim=32, reduce=None):
     """Twin: q, k, v (B, N, C) (views of the qkv output are fine); mask (B, N), 1 real / 0 padding, or None.
 
     Returns (B, N, C) in q's dtype: relu(q) KV / (relu(q) . Ksum + eps) per head, KV and Ksum in float32.
     """
     _check_dit(q, k, v, mask, head_dim)
-    out = _attend_torch(_heads(q, head_dim), _heads(k, head_dim), _heads(v, head_dim), eps, mask)
+    out = _attend_torch(_heads(q, head_dim), _heads(k, head_dim), _heads(v, head_dim), eps, mask, reduce)
     return out.transpose(1, 2).flatten(2).to(q.dtype)
 
 
-def linear_attention_triton(q, k, v, eps=1e-15, mask=None, *, head_dim=32, **tuning):
+def linear_attention_triton(q, k, v, eps=1e-15, mask=None, *, head_dim=32, reduce=None, **tuning):
     _check_dit(q, k, v, mask, head_dim)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)                  # (B, N, C)
     _attend_triton(_heads(q, head_dim), _heads(k, head_dim), _heads(v, head_dim), _heads(out, head_dim),
-                   eps, mask, **tuning)
+                   eps, mask, reduce=reduce, **tuning)
     return out
 
 
-def linear_attention(q, k, v, eps=1e-15, mask=None, *, head_dim=32):
+def linear_attention(q, k, v, eps=1e-15, mask=None, *, head_dim=32, reduce=None):
     """SANA DiT ReLU linear attention. q, k, v: (B, N, C), e.g. `qkv.chunk(3, dim=-1)` of the fused qkv
     Linear output (B, N, 3C) (strided views, no copy; apply q/k RMSNorm first where the model has it).
     mask: (B, N) with 1 for real tokens and 0 for padding (padded tokens are left out of KV and Ksum;
     their own outputs are still computed), or None. eps: the model's (1e-15 diffusers, 1e-8 original).
+    reduce: None, or a function (KV (B, heads, D, D), Ksum (B, heads, D), float32 sums over these tokens)
+    -> the sums to apply: the tokens are one part of the sequence (sana_core.parallel's row bands) and it
+    adds the other parts' sums.
     Returns (B, N, C) in q's dtype, heads along C as the output projection expects."""
     if head_dim in TRITON_HEAD_DIMS and use_triton(q, k, v):
-        return linear_attention_triton(q, k, v, eps, mask, head_dim=head_dim)
-    return linear_attention_torch(q, k, v, eps, mask, head_dim=head_dim)
+        return linear_attention_triton(q, k, v, eps, mask, head_dim=head_dim, reduce=reduce)
+    return linear_attention_torch(q, k, v, eps, mask, head_dim=head_dim, reduce=reduce)
 
 
 # --- DC-AE EfficientViT attention: channels-first (B, G * 3 * head_dim, H, W), per group [q | k | v] ---

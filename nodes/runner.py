@@ -385,7 +385,8 @@ def execute(prompt: dict, *, ui_workflow: dict | None = None, classes: dict | No
     return ui
 
 
-def main(argv=None) -> int:
+def main(argv=None, worker=None) -> int:
+    """worker: (rank, port of process 0) in the processes --devices spawns."""
     parser = argparse.ArgumentParser(prog="sana-run", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="example: sana-run workflows/api/sana_1024_text_to_image.json --models "
@@ -399,6 +400,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="output", help="folder for the images (default: ./output)")
     parser.add_argument("--input", default=".", help="folder LoadImage reads from (default: .)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    parser.add_argument("--devices", metavar="0,1",
+                        help="one image on several GPUs (one process each; 'cpu,cpu': CPU processes)")
     parser.add_argument("--demo", action="store_true",
                         help="use the tiny demo models (from --write-demo-models) in place of the workflow's "
                              "model files: runs anywhere, makes noise images")
@@ -408,20 +411,25 @@ def main(argv=None) -> int:
                         help="write tiny random-weight SANA models in the real file formats to DIR and exit "
                              "(unless a workflow is given too)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    logging.basicConfig(level=logging.INFO if worker is None else logging.WARNING, format="%(message)s")
+    say = (lambda msg: print(msg, file=sys.stderr)) if worker is None else (lambda msg: None)  # noqa: E731
     if not args.workflow and not args.write_demo_models:
         parser.error("give a workflow file, or --write-demo-models DIR")
     try:
         if args.write_demo_models:
             from sana_core.demo import write_demo_models
-            for kind, path in write_demo_models(args.write_demo_models).items():
-                say(f"wrote {kind}: {path}")
+            for kind, path in (write_demo_models(args.write_demo_models) if worker is None else {}).items():
+                say(f"wrote {kind}: {path}")  # (--devices workers read what process 0 wrote)
             if not args.workflow:
                 return 0
             args.models = args.write_demo_models
-        host.use(host.LocalHost(args.models, device="cpu" if args.cpu else None, output_dir=args.output,
-                                input_dir=args.input))
+        if args.devices:
+            from .parallel_host import parallel_host
+            host.use(parallel_host(args.devices, sys.argv[1:] if argv is None else argv, worker,
+                                   models_dir=args.models, output_dir=args.output, input_dir=args.input))
+        else:
+            host.use(host.LocalHost(args.models, device="cpu" if args.cpu else None, output_dir=args.output,
+                                    input_dir=args.input))
         prompt, ui_workflow = load_workflow(args.workflow)
         if args.to_api:
             print(json.dumps(prompt, indent=2))
@@ -430,12 +438,16 @@ def main(argv=None) -> int:
             use_demo_models(prompt)
         apply_sets(prompt, args.set)
         ui = execute(prompt, ui_workflow=ui_workflow, log=say)
+        if args.devices:
+            host.current().close()
     except WorkflowError as e:
         say(f"sana-run: error: {e}")
         return 1
     except KeyboardInterrupt:
         say("sana-run: interrupted")
         return 130
+    if worker is not None:
+        return 0
     for node_id, out in ui.items():
         for image in out.get("images", []):
             print(Path(image["subfolder"]) / image["filename"])

@@ -19,15 +19,27 @@ class SanaPipeline:
         images = pipe("a red fox in the snow", seed=1)            # list of PIL images
 
     runtime: the Runtime that owns CUDA graphs and memory decisions (default: a new one, graphs on unless
-    SANA_CUDA_GRAPHS=0).
+    SANA_CUDA_GRAPHS=0). devices=[0, 1]: one image on several GPUs (sana_core.parallel: worker
+    processes, or torchrun's; no CUDA graphs then); plan (a parallel.Plan) and timeout (seconds per
+    collective) tune it.
     """
 
-    def __init__(self, transformer, autoencoder, text_encoder, *, runtime=None):
+    def __init__(self, transformer, autoencoder, text_encoder, *, runtime=None, devices=None, plan=None,
+                 timeout=None):
         self.transformer = transformer
         self.autoencoder = autoencoder
         self.text_encoder = text_encoder
         self.runtime = Runtime() if runtime is None else runtime
         self._text_encoder_offloaded = False
+        self.parallel = None  # sana_core.parallel.Session when devices are given
+        if devices is not None:
+            from . import parallel
+            self.parallel = parallel.start(self, devices, plan=plan, timeout=timeout or parallel.DEFAULT_TIMEOUT)
+
+    def close(self):
+        """Stops the worker processes of devices=[...] (nothing to do otherwise)."""
+        if self.parallel is not None:
+            self.parallel.close()
 
     @property
     def device(self) -> torch.device:
@@ -61,6 +73,8 @@ class SanaPipeline:
         controlnet (load_controlnet) with control_image (PIL or (B, 3, H, W) in [0, 1], e.g. HED edges; resized to
         the output size) and control_scale (what the ControlNet adds is multiplied by it).
         """
+        if self.parallel is not None:  # the worker processes make this call too; Cancel reaches them all
+            callback = self.parallel.begin(dict(locals()), callback)
         if output not in ("pil", "tensor", "latent"):
             raise ValueError(f"output must be 'pil', 'tensor' or 'latent', got {output!r}")
         config = self.transformer.config
@@ -105,7 +119,8 @@ class SanaPipeline:
         latent = sample_latents(self.transformer, noise, cond, cond_mask, uncond, uncond_mask, sampler=sampler,
                                 steps=steps, cfg=cfg, pag_scale=pag_scale, pag_layers=pag_layers, shift=shift,
                                 denoise=denoise, latent=clean, seed=seed, callback=callback,
-                                integer_timesteps=integer_timesteps, runtime=self.runtime, controls=controls)
+                                integer_timesteps=integer_timesteps, controls=controls,
+                                runtime=self.runtime if self.parallel is None else None)
         if output == "latent":
             return latent
         with torch.no_grad():

@@ -157,12 +157,14 @@ class LinearAttention(nn.Module):
         self.proj = ops.Linear(width, width, dtype=dtype, device=device)
         self.q_norm = RMSNorm(width, dtype=dtype, device=device) if qk_norm else None
         self.k_norm = RMSNorm(width, dtype=dtype, device=device) if qk_norm else None
+        self.band = None  # sana_core.parallel.Band while x is one row band of the image: it adds the others' sums
 
     def forward(self, x, perturbed=None):  # (B, N, C)
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, N, C) each
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        out = linear_attention(q, k, v, LINEAR_ATTENTION_EPS, head_dim=self.head_dim)  # (B, N, C)
+        reduce = None if self.band is None else self.band.all_reduce_kv
+        out = linear_attention(q, k, v, LINEAR_ATTENTION_EPS, head_dim=self.head_dim, reduce=reduce)  # (B, N, C)
         if perturbed is not None:  # PAG: identity attention (output = V) for the marked samples
             out = torch.where(perturbed[:, None, None], v, out)
         out = self.proj(out)
@@ -247,14 +249,19 @@ class MixFFN(nn.Module):
         self.inverted_conv = ConvLayer(width, 2 * hidden, 1, **kw)
         self.depth_conv = ConvLayer(2 * hidden, 2 * hidden, 3, groups=2 * hidden, **kw)
         self.point_conv = ConvLayer(hidden, width, 1, bias=False, **kw)
+        self.band = None  # sana_core.parallel.Band while x is one row band of the image: it adds the halo rows
 
     def forward(self, x, h, w):  # (B, N, C)
         inv, depth, point = self.inverted_conv.conv, self.depth_conv.conv, self.point_conv.conv
         inv_weight, point_weight = matmul_weight(inv, x), matmul_weight(point, x)
         if inv_weight is None or point_weight is None or not reads_weights_directly(depth):
+            if self.band is not None:
+                raise NotImplementedError("row-band parallel sampling needs layers whose weights it can read "
+                                          "(no ComfyUI cast or on-the-fly patches)")
             return self._through_layers(x, h, w)
         x = F.silu(F.linear(x, inv_weight.flatten(1), inv.bias), inplace=True)  # (B, N, 2H)
-        x = depthwise_conv_glu(x, depth.weight, depth.bias, h, w)  # (B, N, H)
+        conv_glu = depthwise_conv_glu if self.band is None else self.band.depthwise_conv_glu
+        x = conv_glu(x, depth.weight, depth.bias, h, w)  # (B, N, H)
         return F.linear(x, point_weight.flatten(1))  # (B, N, C)
 
     def _through_layers(self, x, h, w):  # the same function, each conv called as a layer on the (B, C, h, w) grid
@@ -319,6 +326,7 @@ class SanaTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, **kw, ops=ops) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(cfg.width, cfg.out_channels, **kw, ops=ops)
         self._pos_embed = None  # (h, w, device, dtype, tensor): a cache, not a buffer (meta-built models)
+        self.band = None  # sana_core.parallel.Band: this process computes (and returns) one row band of the image
 
     @property
     def dtype(self):
@@ -382,6 +390,8 @@ class SanaTransformer(nn.Module):
         tokens = self.x_embedder.proj(x.to(dtype)).flatten(2).transpose(1, 2)  # (B, N, C)
         if cfg.pe_interpolation is not None:
             tokens = (tokens.float() + self.pos_embed(h, w, tokens.device, torch.float32)).to(dtype)
+        if self.band is not None:  # sana_core.parallel: from here on only the band's rows
+            tokens, h = self.band.take_rows(tokens), self.band.height
         if cfg.sprint:
             t = self.t_embedder(timestep / SPRINT_TIMESTEP_SCALE, dtype)  # (B, C)
             t = t + self.cfg_embedder(guidance.reshape(-1).expand(B) * cfg.guidance_embeds_scale, dtype)
