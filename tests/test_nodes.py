@@ -352,7 +352,7 @@ def test_runner_errors_are_clear(models, tmp_path, capsys):
     assert "'Sana_1600M_1024px_BF16.pth' was not found in diffusion_models or checkpoints (searched: " \
            f"{models / 'diffusion_models'}" in attempt(workflow)
     unknown = dict(workflow, **{"99": {"class_type": "KSampler", "inputs": {}}})
-    assert "node 99 (KSampler): unknown node type" in attempt(unknown, "--demo")
+    assert "node 99 (KSampler): sana-run cannot stand in for this node" in attempt(unknown, "--demo")
     missing = json.loads(json.dumps(workflow))
     del missing["8"]["inputs"]["positive"]
     assert "node 8 (SanaSampler) is missing its required input 'positive' (CONDITIONING)" in attempt(missing, "--demo")
@@ -400,3 +400,36 @@ def test_sigmas_and_pag_patch_nodes_outside_comfyui(loaded, local):
         run(SanaSamplerSelect, sampler="flow_dpm_solver", guidance=4.5)
     with pytest.raises(ValueError, match="SanaSampler: this MODEL is not a SANA model.*SanaModelLoader"):
         sample(loaded, latent, model=object())
+
+
+def test_runner_stands_in_for_the_core_nodes_around_sana(models, tmp_path, capsys):
+    """loaders -> CLIPTextEncode -> SanaSampler -> VAEDecodeTiled / VAEEncode -> VAEDecode -> SaveImage."""
+    prompt = {
+        "1": {"class_type": "SanaModelLoader", "inputs": {"model_name": DEMO["transformer"], "dtype": "auto"}},
+        "2": {"class_type": "SanaTextEncoderLoader",
+              "inputs": {"text_encoder_name": DEMO["text_encoder"], "dtype": "auto", "device": "gpu"}},
+        "3": {"class_type": "SanaVAELoader", "inputs": {"vae_name": DEMO["autoencoder"]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["2", 0]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 0]}},
+        "6": {"class_type": "SanaEmptyLatent", "inputs": {"preset": "custom", "width": 64, "height": 32, "batch_size": 1}},
+        "7": {"class_type": "SanaSampler", "inputs": {"model": ["1", 0], "positive": ["4", 0], "negative": ["5", 0],
+                                                      "latent_image": ["6", 0], "seed": 1, "steps": 1, "cfg": 4.5,
+                                                      "pag_scale": 0.0, "flow_shift": 0.0,
+                                                      "sampler": "flow_dpm_solver", "denoise": 1.0}},
+        "8": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["7", 0], "vae": ["3", 0], "tile_size": 64,
+                                                         "overlap": 0, "temporal_size": 64, "temporal_overlap": 8}},
+        "9": {"class_type": "VAEEncode", "inputs": {"pixels": ["8", 0], "vae": ["3", 0]}},
+        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["3", 0]}},
+        "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "core"}},
+    }
+    path = tmp_path / "core.json"
+    path.write_text(json.dumps(prompt))
+    previous = host._host
+    try:
+        code = runner.main([str(path), "--models", str(models), "--output", str(tmp_path), "--cpu"])
+    finally:
+        host._host = previous
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    with Image.open(captured.out.strip().splitlines()[-1]) as png:
+        assert png.size == (64, 32)
