@@ -72,15 +72,32 @@ class SanaModelConfig(comfy.supported_models_base.BASE):
 
 
 class SanaDiffusionModel(torch.nn.Module):
-    """ComfyUI's diffusion_model interface around SanaTransformer (weights under `transformer.`)."""
+    """ComfyUI's diffusion_model interface around SanaTransformer (weights under `transformer.`).
+
+    The caption side of the DiT (caption embedder and every block's cross-attention k/v) is the same at
+    every step of a sampling run: it is computed once per batch of conditionings, which ComfyUI names by
+    uuids that are new in every run (transformer_options["uuids"]); a batch sharing no conditioning with
+    the cached ones starts a new cache."""
 
     def __init__(self, transformer):
         super().__init__()
         self.transformer = transformer
+        self._captions = {}  # (uuids, cond_or_uncond, context shape) -> Caption
 
     @property
     def dtype(self):
         return self.transformer.dtype
+
+    def caption(self, context, attention_mask, transformer_options):
+        uuids = transformer_options.get("uuids")
+        if not uuids:  # not inside a sampling run: nothing to share
+            return self.transformer.encode_caption(context, attention_mask)
+        key = (tuple(uuids), tuple(transformer_options.get("cond_or_uncond", ())), tuple(context.shape))
+        if key not in self._captions:
+            if not any(set(uuids) & set(cached[0]) for cached in self._captions):
+                self._captions = {}  # a new run
+            self._captions[key] = self.transformer.encode_caption(context, attention_mask)
+        return self._captions[key]
 
     def forward(self, x, timesteps, context, attention_mask=None, control=None, transformer_options={}, **kwargs):
         """x (B, 32, h, w) scaled latent; timesteps (B,) sigma x 1000; context (B, T, 2304) Gemma-2
@@ -92,8 +109,12 @@ class SanaDiffusionModel(torch.nn.Module):
                                   device=x.device)
         layers = tuple(transformer_options.get(PERTURB_OPTION, ()))
         perturbed = torch.ones(batch, dtype=torch.bool, device=x.device) if layers else None
-        return self.transformer(x, timesteps, context, attention_mask, guidance, perturbed=perturbed,
-                                perturbed_layers=layers)
+        caption = self.caption(context, attention_mask, transformer_options)
+        return self.transformer(x, timesteps, caption, None, guidance, perturbed=perturbed, perturbed_layers=layers)
+
+    def clear_device_caches(self) -> None:  # after ComfyUI moved or patched the weights
+        self._captions = {}
+        self.transformer.clear_device_caches()
 
 
 class SanaModel(comfy.model_base.BaseModel):

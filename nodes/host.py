@@ -331,6 +331,7 @@ class ComfyHost:
         managed = ManagedModel(self, kind, model, path, load_device=load_device, offload_device=offload_device)
         if kind == "transformer":
             patcher = self.family.model_patcher(managed)
+            model = patcher.model.diffusion_model  # its clear_device_caches covers the DiT's and the captions'
         else:
             holder = SanaWeights(module_of(model), offload_device)
             patcher = self.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)

@@ -199,3 +199,22 @@ def test_core_vae_nodes_equal_ours(nodes, loaded):
     encoded, = core.VAEEncode().encode(vae, photo)
     assert encoded["samples"].shape == (1, 32, 3, 2)  # padded to 96 x 64, not cropped to 64 x 32
     assert torch.equal(encoded["samples"], call(nodes["SanaVAEEncode"], photo, vae)[0]["samples"])
+
+
+def test_the_caption_side_is_computed_once_per_run_and_batch(nodes, loaded, monkeypatch):
+    transformer = loaded["model"].model.diffusion_model.transformer
+    calls = []
+    encode = transformer.encode_caption
+    monkeypatch.setattr(transformer, "encode_caption", lambda *a: calls.append(1) or encode(*a))
+    latent = empty(nodes)
+    sampler, = call(nodes["SanaSamplerSelect"], "flow_dpm_solver", 4.5)
+    guider, = CFGGuider().get_guider(loaded["model"], loaded["positive"], loaded["negative"], 4.5)
+    first = custom_advanced(guider, sampler, sigmas(nodes, loaded["model"], "flow_dpm_solver"), latent)
+    assert len(calls) == 1  # 3 steps, cond and uncond in one batch
+    patched, = call(nodes["SanaPAG"], loaded["model"], 2.0, "")
+    guider, = CFGGuider().get_guider(patched, loaded["positive"], loaded["negative"], 4.5)
+    custom_advanced(guider, sampler, sigmas(nodes, patched, "flow_dpm_solver"), latent)
+    assert len(calls) == 3  # a new run; the PAG pass is its own batch
+    guider, = CFGGuider().get_guider(loaded["model"], loaded["negative"], loaded["positive"], 4.5)
+    swapped = custom_advanced(guider, sampler, sigmas(nodes, loaded["model"], "flow_dpm_solver"), latent)
+    assert len(calls) == 4 and rel_err(swapped, first) > 1e-3  # new conditionings are never served stale
