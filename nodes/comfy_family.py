@@ -22,7 +22,7 @@ import comfy.model_patcher
 import comfy.samplers
 import comfy.sd
 import comfy.supported_models_base
-from sana_core import samplers
+from sana_core import cuda_graphs as graphs, samplers
 from sana_core.autoencoder import SCALING_FACTOR
 from sana_core.pipeline import defaults_for
 from sana_core.resolution import LATENT_FACTOR
@@ -74,46 +74,49 @@ class SanaModelConfig(comfy.supported_models_base.BASE):
 class SanaDiffusionModel(torch.nn.Module):
     """ComfyUI's diffusion_model interface around SanaTransformer (weights under `transformer.`).
 
-    The caption side of the DiT (caption embedder and every block's cross-attention k/v) is the same at
-    every step of a sampling run: it is computed once per batch of conditionings, which ComfyUI names by
-    uuids that are new in every run (transformer_options["uuids"]); a batch sharing no conditioning with
-    the cached ones starts a new cache."""
+    Within a sampling run, each batch of conditionings (ComfyUI names them by uuids that are new in every
+    run: transformer_options["uuids"]) gets its caption side (caption embedder and every block's
+    cross-attention k/v) computed once, and its DiT call replayed from a CUDA graph as SanaSampler's is
+    (sana_core.cuda_graphs: captured at the second step, eager where graphs cannot serve). A batch that
+    shares no conditioning with the cached ones starts a new cache."""
 
     def __init__(self, transformer):
         super().__init__()
         self.transformer = transformer
-        self._captions = {}  # (uuids, cond_or_uncond, context shape) -> Caption
+        self._steps = {}  # (uuids, cond_or_uncond, shapes, options) -> GraphedStep holding the caption
 
     @property
     def dtype(self):
         return self.transformer.dtype
 
-    def caption(self, context, attention_mask, transformer_options):
-        uuids = transformer_options.get("uuids")
-        if not uuids:  # not inside a sampling run: nothing to share
-            return self.transformer.encode_caption(context, attention_mask)
-        key = (tuple(uuids), tuple(transformer_options.get("cond_or_uncond", ())), tuple(context.shape))
-        if key not in self._captions:
-            if not any(set(uuids) & set(cached[0]) for cached in self._captions):
-                self._captions = {}  # a new run
-            self._captions[key] = self.transformer.encode_caption(context, attention_mask)
-        return self._captions[key]
-
     def forward(self, x, timesteps, context, attention_mask=None, control=None, transformer_options={}, **kwargs):
         """x (B, 32, h, w) scaled latent; timesteps (B,) sigma x 1000; context (B, T, 2304) Gemma-2
         captions with attention_mask (B, T); returns the velocity (B, 32, h, w)."""
         config, batch = self.transformer.config, x.shape[0]
-        guidance = None
-        if config.sprint:
-            guidance = torch.full((batch,), float(transformer_options.get(GUIDANCE_OPTION, SPRINT_GUIDANCE)),
-                                  device=x.device)
+        scale = float(transformer_options.get(GUIDANCE_OPTION, SPRINT_GUIDANCE)) if config.sprint else None
         layers = tuple(transformer_options.get(PERTURB_OPTION, ()))
-        perturbed = torch.ones(batch, dtype=torch.bool, device=x.device) if layers else None
-        caption = self.caption(context, attention_mask, transformer_options)
-        return self.transformer(x, timesteps, caption, None, guidance, perturbed=perturbed, perturbed_layers=layers)
+        uuids = transformer_options.get("uuids")
+        key = (tuple(uuids or ()), tuple(transformer_options.get("cond_or_uncond", ())), tuple(context.shape),
+               tuple(x.shape), x.dtype, scale, layers)
+        step = self._steps.get(key) if uuids else None
+        if step is None:
+            guidance = None if scale is None else torch.full((batch,), scale, device=x.device)
+            perturbed = torch.ones(batch, dtype=torch.bool, device=x.device) if layers else None
+            caption = self.transformer.encode_caption(context, attention_mask)
+
+            def dit(x, t, caption, guidance, perturbed):
+                return self.transformer(x, t, caption, None, guidance, perturbed=perturbed, perturbed_layers=layers)
+            step = graphs.GraphedStep(dit, (caption, guidance, perturbed), module=self.transformer,
+                                      key=("comfy-dit", layers, scale is not None),
+                                      tokens=batch * x.shape[-2] * x.shape[-1], enabled=None if uuids else False)
+            if uuids:
+                if not any(set(uuids) & set(cached[0]) for cached in self._steps):
+                    self._steps = {}  # a new run
+                self._steps[key] = step
+        return step(x, timesteps.to(x.device))
 
     def clear_device_caches(self) -> None:  # after ComfyUI moved or patched the weights
-        self._captions = {}
+        self._steps = {}
         self.transformer.clear_device_caches()
 
 
