@@ -235,31 +235,25 @@ class SanaVAE(comfy.sd.VAE):
 # -------------------------------------------------------------------------------- SAMPLER and SIGMAS
 
 def sampler(name: str, guidance: float):
-    """SAMPLER running sana_core's `name` sampler; for scm, `guidance` is the Sprint model's embedded
-    guidance (given to the model as transformer_options["sana_guidance"]).
+    """SAMPLER running sana_core's `name` sampler. `guidance`: a Sana-Sprint model's embedded guidance
+    scale, given to the DiT as transformer_options["sana_guidance"] (other models ignore it).
 
     flow_dpm_solver's grid starts at sigma(1 - 1/1000) < 1 (0.99967 at shift 3), where both references
     start from the pure noise rather than ComfyUI's sigma0 x noise: so does this SAMPLER when the
     sigmas start there (a whole grid at the model's shift, denoise 1)."""
     function = samplers.K_SAMPLERS[name]
-    if name == "flow_dpm_solver":
-        def flow_dpm_solver(model, x, sigmas, extra_args=None, callback=None, disable=None):
-            shift = model.inner_model.inner_model.model_sampling.shift
-            top = samplers.flow_dpm_solver_sigmas(1, shift)[0][0].item()
-            if abs(float(sigmas[0]) - top) <= 1e-6 * top:
-                x = model.noise.to(x)  # KSAMPLER's unscaled noise
-            return function(model, x, sigmas, extra_args, callback, disable)
-        return comfy.samplers.KSAMPLER(flow_dpm_solver)
-    if name != "scm":
-        return comfy.samplers.KSAMPLER(function)
 
-    def scm(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    def run(model, x, sigmas, extra_args=None, callback=None, disable=None):
         extra_args = dict(extra_args or {})
         options = comfy.model_patcher.create_model_options_clone(extra_args.get("model_options", {}))
         options.setdefault("transformer_options", {})[GUIDANCE_OPTION] = guidance
         extra_args["model_options"] = options
+        if name == "flow_dpm_solver":
+            top = samplers.flow_dpm_solver_sigmas(1, model.inner_model.inner_model.model_sampling.shift)[0][0].item()
+            if abs(float(sigmas[0]) - top) <= 1e-6 * top:
+                x = model.noise.to(x)  # KSAMPLER's unscaled noise
         return function(model, x, sigmas, extra_args, callback, disable)
-    return comfy.samplers.KSAMPLER(scm)
+    return comfy.samplers.KSAMPLER(run)
 
 
 def pag_patch(model, scale: float, layers):
@@ -280,3 +274,54 @@ def pag_patch(model, scale: float, layers):
     m.set_model_sampler_post_cfg_function(post_cfg)
     m.model_options.setdefault("transformer_options", {})[PAG_OPTION] = {"scale": scale, "layers": layers}
     return m
+
+
+# ------------------------------------------------------------------ SanaSampler through ComfyUI's loop
+
+PLAIN_COND_KEYS = {"attention_mask", "pooled_output"}  # what SanaSampler's own loop reads from a conditioning
+
+
+def core_loop_reason(model, *conditionings) -> str | None:
+    """Why SanaSampler must run through ComfyUI's loop (CFGGuider + our SAMPLER and SIGMAS) rather than
+    its own for this MODEL and these conditionings: something only ComfyUI's loop honours (combined or
+    masked conditionings, timestep ranges, ControlNets, hooks, other nodes' sampler patches, wrappers,
+    object patches other than ModelSamplingSD3's). None: its own loop gives the same result (weight
+    patches are applied when the MODEL is loaded; the SANA PAG patch and the shift it reads itself)."""
+    for conditioning in conditionings:
+        if conditioning is None:
+            continue
+        if len(conditioning) > 1:
+            return "combined conditionings"
+        extra = {k for k, v in conditioning[0][1].items() if v is not None} - PLAIN_COND_KEYS
+        if extra:
+            return f"conditioning with {', '.join(sorted(extra))}"
+    options = model.model_options
+    ours = PAG_OPTION in options.get("transformer_options", {})  # adds one post-CFG function
+    if set(options.get("transformer_options", {})) - {PAG_OPTION} or len(options.get("sampler_post_cfg_function", [])) \
+            > ours or any(v for k, v in options.items() if k not in ("transformer_options", "sampler_post_cfg_function")):
+        return "other nodes' patches in the model options"
+    if set(model.object_patches) - {"model_sampling"}:
+        return f"object patches ({', '.join(sorted(model.object_patches))})"
+    if any(any(w.values()) for w in model.wrappers.values()):
+        return "sampling wrappers"
+    return None
+
+
+def sample(model, positive, negative, latent, noise, *, sampler_name, steps, cfg, pag_scale, pag_layers, shift,
+           denoise, seed, callback):
+    """SanaSampler's sampling through ComfyUI's own loop: raw latent in, raw latent out.
+    callback(step, total, x0) after each step."""
+    sprint = model.model.diffusion_model.transformer.config.sprint
+    if pag_scale and PAG_OPTION not in model.model_options.get("transformer_options", {}):
+        model = pag_patch(model, pag_scale, pag_layers)
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative if negative is not None else positive)
+    guider.set_cfg(1.0 if sprint else cfg)  # Sprint: cfg is the embedded guidance, no negative pass
+    if sampler_name == "scm":
+        sigmas = samplers.scm_sigmas(steps, denoise)
+    else:
+        sigmas = samplers.schedule(sampler_name, steps, shift, denoise)
+    k_callback = lambda step, x0, x, total: callback(step + 1, total, x0)  # noqa: E731
+    out = guider.sample(noise, latent, sampler(sampler_name, cfg), sigmas, callback=k_callback, disable_pbar=True,
+                        seed=seed)
+    return out.to(comfy.model_management.intermediate_device())

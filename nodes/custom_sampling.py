@@ -23,8 +23,8 @@ class SanaSamplerSelect:
                            "timesteps of the references; flow_euler; scm: Sana-Sprint's consistency steps (with "
                            "SanaScheduler set to scm)."}),
             "guidance": ("FLOAT", {"default": 4.5, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
-                                   "tooltip": "scm only: the guidance scale embedded in Sana-Sprint models (no "
-                                              "negative pass; use BasicGuider or cfg 1)."}),
+                                   "tooltip": "Sana-Sprint models only: the guidance scale embedded in the model "
+                                              "(no negative pass; use BasicGuider or cfg 1)."}),
         }}
 
     RETURN_TYPES = ("SAMPLER",)

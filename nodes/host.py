@@ -221,6 +221,9 @@ class LocalHost:
     def wrap(self, managed: ManagedModel):
         return managed  # the stand-in for MODEL / CLIP / VAE outside ComfyUI
 
+    def core_loop_reason(self, model, *conditionings):
+        return None  # no patches outside ComfyUI: SanaSampler's own loop always serves
+
     def sampler(self, name: str, guidance: float):
         raise RuntimeError("SanaSamplerSelect: a SAMPLER runs in ComfyUI's SamplerCustomAdvanced, which sana-run does "
                            "not stand in for; use SanaSampler outside ComfyUI")
@@ -341,6 +344,9 @@ class ComfyHost:
         patcher.add_callback(CallbacksMP.ON_DETACH, lambda *_: _weights_moved(model))
         managed.patcher = patcher
         return managed
+
+    def core_loop_reason(self, model, *conditionings):
+        return self.family.core_loop_reason(model, *conditionings)
 
     def sampler(self, name: str, guidance: float):
         return self.family.sampler(name, guidance)

@@ -13,7 +13,7 @@ import time
 
 import torch
 from sana_core.autoencoder import SCALING_FACTOR
-from sana_core.pipeline import defaults_for, sample_latents
+from sana_core.pipeline import defaults_for, pairing_error, sample_latents
 from sana_core.samplers import SAMPLERS
 
 from . import host
@@ -159,16 +159,19 @@ class SanaSampler:
         started = time.perf_counter()
         h = host.current()
         pag_patch, patched_shift = model_patch_settings(model)
-        model = host.unwrap(model, "transformer", "SanaSampler")
+        core_loop = h.core_loop_reason(model, positive, negative)  # None: our own loop gives the same
+        patched_model, model = model, host.unwrap(model, "transformer", "SanaSampler")
         vae = None if vae is None else host.unwrap(vae, "autoencoder", "SanaSampler")
-        samples = latent_samples(latent_image, "SanaSampler") * SCALING_FACTOR  # the DiT's latent space
+        raw = latent_samples(latent_image, "SanaSampler")
+        samples = raw * SCALING_FACTOR  # the DiT's latent space
         config = model.model.config
         batch, _, lh, lw = samples.shape
-        cond, cond_mask = caption(positive, "positive", config)
-        uncond = uncond_mask = None
-        if negative is not None:
-            uncond, uncond_mask = caption(negative, "negative", config)
-        elif not config.sprint and cfg != 1.0:
+        cond = cond_mask = uncond = uncond_mask = None
+        if not core_loop:
+            cond, cond_mask = caption(positive, "positive", config)
+            if negative is not None:
+                uncond, uncond_mask = caption(negative, "negative", config)
+        if negative is None and not config.sprint and cfg != 1.0:
             raise ValueError(f"SanaSampler: cfg {cfg} needs a negative prompt: connect a SanaTextEncode (instruction "
                              f"off; empty text is fine) to 'negative', or set cfg to 1")
         defaults = defaults_for(config, lw * 32, lh * 32)
@@ -200,14 +203,23 @@ class SanaSampler:
 
         sampling_started = time.perf_counter()
         try:
-            result = sample_latents(dit, noise, cond, cond_mask, uncond, uncond_mask, sampler=sampler, steps=steps,
-                                    cfg=cfg, pag_scale=pag_scale, pag_layers=pag_layers, shift=shift,
-                                    denoise=denoise, latent=samples if denoise < 1.0 else None, seed=seed,
-                                    callback=callback)
+            if core_loop:
+                error = pairing_error(config, sampler, steps)
+                if error:
+                    raise ValueError(error)
+                host.log.info(f"SanaSampler: ComfyUI's sampling loop for {core_loop}")
+                result = h.family.sample(patched_model, positive, negative, raw, noise, sampler_name=sampler,
+                                         steps=steps, cfg=cfg, pag_scale=pag_scale, pag_layers=pag_layers,
+                                         shift=shift, denoise=denoise, seed=seed, callback=callback)
+            else:
+                result = sample_latents(dit, noise, cond, cond_mask, uncond, uncond_mask, sampler=sampler,
+                                        steps=steps, cfg=cfg, pag_scale=pag_scale, pag_layers=pag_layers, shift=shift,
+                                        denoise=denoise, latent=samples if denoise < 1.0 else None, seed=seed,
+                                        callback=callback) / SCALING_FACTOR
         finally:
             noise = None
             h.free_cache()
-        result = (result / SCALING_FACTOR).to(device=h.intermediate_device(), dtype=torch.float32)
+        result = result.to(device=h.intermediate_device(), dtype=torch.float32)
 
         done = time.perf_counter()
         stats = {

@@ -234,6 +234,7 @@ def _velocity_of(model, extra_args):
     extra_args = extra_args or {}
 
     def velocity(x, t):  # t (B,) float32 > 0
+        t = t.clamp(max=1.0)  # sCM's first time is pi/2 in float32, a hair past t = 1 (k-diffusion grids end at 1)
         return (x - model(x, t, **extra_args)) / t.view(-1, *[1] * (x.dim() - 1))
     return velocity
 
@@ -269,10 +270,12 @@ def sample_flow_euler(model, x, sigmas, extra_args=None, callback=None, disable=
 
 
 def scm_sigmas(steps: int, denoise: float = 1.0) -> torch.Tensor:
-    """Sana-Sprint's TrigFlow times as flow sigmas (t = sin s / (sin s + cos s)), float32 [steps + 1]."""
+    """Sana-Sprint's TrigFlow times as flow sigmas (t = sin s / (sin s + cos s)), float32 [steps + 1].
+    The first time, 1.5708, is a hair past pi/2 (t = 1.0000037): clamped to 1, where ComfyUI's schedules
+    start (timestep ranges, noise scaling); the sampler then starts at s = pi/2."""
     check_steps("scm", steps, denoise)
     total = steps if denoise >= 1.0 else int(steps / denoise)
-    return trigflow_to_flow_time(scm_times(total))[-(steps + 1):]
+    return trigflow_to_flow_time(scm_times(total))[-(steps + 1):].clamp(max=1.0)
 
 
 @torch.no_grad()

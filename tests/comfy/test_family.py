@@ -218,3 +218,22 @@ def test_the_caption_side_is_computed_once_per_run_and_batch(nodes, loaded, monk
     guider, = CFGGuider().get_guider(loaded["model"], loaded["negative"], loaded["positive"], 4.5)
     swapped = custom_advanced(guider, sampler, sigmas(nodes, loaded["model"], "flow_dpm_solver"), latent)
     assert len(calls) == 4 and rel_err(swapped, first) > 1e-3  # new conditionings are never served stale
+
+
+def test_sana_sampler_runs_comfyuis_loop_for_what_only_it_honours(nodes, loaded):
+    """Timestep ranges, combined conditionings (and ControlNets, hooks, other nodes' patches) act on SanaSampler
+    as on KSampler: it hands those to ComfyUI's loop with our SAMPLER and SIGMAS, which gives its own result."""
+    from sana_nodes import comfy_family
+    latent = empty(nodes)
+    plain = sana_sampler(nodes, loaded, latent)
+    assert comfy_family.core_loop_reason(loaded["model"], loaded["positive"], loaded["negative"]) is None
+    ranged, = core.ConditioningSetTimestepRange().set_range(loaded["positive"], 0.0, 1.0)
+    assert comfy_family.core_loop_reason(loaded["model"], ranged) == "conditioning with end_percent, start_percent"
+    assert rel_err(sana_sampler(nodes, loaded, latent, positive=ranged), plain) < 1e-5
+    combined, = core.ConditioningCombine().combine(loaded["positive"], loaded["positive"])
+    assert rel_err(sana_sampler(nodes, loaded, latent, positive=combined), plain) < 1e-5
+    half, = core.ConditioningSetTimestepRange().set_range(loaded["positive"], 0.0, 0.5)
+    assert rel_err(sana_sampler(nodes, loaded, latent, positive=half), plain) > 1e-3  # the range acts
+    sprint = sana_sampler(nodes, loaded, latent, model=loaded["sprint"], negative=None, sampler="scm", steps=2)
+    assert rel_err(sana_sampler(nodes, loaded, latent, model=loaded["sprint"], positive=ranged, negative=None,
+                                sampler="scm", steps=2), sprint) < 1e-5
