@@ -30,7 +30,7 @@ from sana_core.resolution import LATENT_FACTOR
 from . import conditioning, vae
 from .sampling import PAG_OPTION
 
-SPRINT_GUIDANCE = 4.5  # Sana-Sprint's embedded guidance when no SANA sCM sampler set one
+SPRINT_GUIDANCE = 4.5  # Sana-Sprint's embedded guidance when no SANA SAMPLER set one (KSampler)
 GUIDANCE_OPTION = "sana_guidance"  # transformer_options key: Sprint's embedded guidance scale
 PERTURB_OPTION = "sana_perturbed_layers"  # transformer_options key: blocks run with identity self-attention
 
@@ -49,13 +49,16 @@ class SanaLatentFormat(comfy.latent_formats.LatentFormat):
 
     @property
     def latent_rgb_factors(self):  # [32][3]: the loaded DC-AE's fitted projection (None before one is loaded)
-        dcae = _preview_source() if _preview_source is not None else None
-        return None if dcae is None else dcae.preview_projection()[0].tolist()
+        return self._projection(0)
 
     @property
-    def latent_rgb_factors_bias(self):
+    def latent_rgb_factors_bias(self):  # [3]
+        return self._projection(1)
+
+    @staticmethod
+    def _projection(part: int):
         dcae = _preview_source() if _preview_source is not None else None
-        return None if dcae is None else dcae.preview_projection()[1].tolist()
+        return None if dcae is None else dcae.preview_projection()[part].tolist()
 
 
 class SanaModelConfig(comfy.supported_models_base.BASE):
@@ -121,10 +124,10 @@ class SanaDiffusionModel(torch.nn.Module):
 
 
 class SanaModel(comfy.model_base.BaseModel):
-    def __init__(self, transformer, device=None):
-        super().__init__(SanaModelConfig(transformer), comfy.model_base.ModelType.FLOW, device=device)
-        self.diffusion_model = SanaDiffusionModel(transformer)
-        self.sana = None  # the host.ManagedModel (set by ComfyHost.wrap)
+    def __init__(self, managed):
+        super().__init__(SanaModelConfig(managed.model), comfy.model_base.ModelType.FLOW, device=managed.load_device)
+        self.diffusion_model = SanaDiffusionModel(managed.model)
+        self.sana = managed  # the host.ManagedModel (host.unwrap finds it here)
 
     def extra_conds(self, **kwargs):
         out = super().extra_conds(**kwargs)
@@ -138,9 +141,7 @@ class SanaModel(comfy.model_base.BaseModel):
 
 def model_patcher(managed):
     """MODEL for a loaded SanaTransformer."""
-    base = SanaModel(managed.model, device=managed.load_device)
-    base.sana = managed
-    return comfy.model_patcher.ModelPatcher(base, load_device=managed.load_device,
+    return comfy.model_patcher.ModelPatcher(SanaModel(managed), load_device=managed.load_device,
                                             offload_device=managed.offload_device)
 
 
