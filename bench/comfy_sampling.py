@@ -3,11 +3,12 @@ scheduler) on the SANA MODEL, SanaSampler (flow_euler) and the round-1 code path
 sample_latents on the bare DiT, what SanaSampler called before it took a MODEL); 20 model evaluations,
 CFG 4.5, same random weights, same random captions (no Gemma: the text side is not timed).
 
-    COMFYUI_DIR=.comfyui python3 bench/comfy_sampling.py            # GPU: 1.6B, 1024 px, bf16
+    COMFYUI_DIR=.carry/comfyui python3 bench/comfy_sampling.py      # GPU: 1.6B, 1024 px, bf16
     COMFYUI_DIR=../shared/comfyui python3 bench/comfy_sampling.py --tiny   # CPU dry run: tiny model, 64 px
 
 The goal (issue 16): KSampler at most 1.15x SanaSampler; SanaSampler no slower than round 1.
-COMFYUI_DIR: a ComfyUI checkout (the GPU run copies ../shared/comfyui into the ignored .comfyui/).
+COMFYUI_DIR: a ComfyUI checkout (default .carry/comfyui: the GPU run copies ../shared/comfyui into the
+ignored .carry/).
 """
 import argparse
 import importlib.util
@@ -57,7 +58,7 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="a tiny model at 64 px on the CPU (checks the script)")
     parser.add_argument("--reps", type=int, default=None, help="timed calls per row (default: 5 on the GPU, 1 tiny)")
     args = parser.parse_args()
-    comfyui_dir = Path(os.environ.get("COMFYUI_DIR", ROOT / ".comfyui"))
+    comfyui_dir = Path(os.environ.get("COMFYUI_DIR", ROOT / ".carry" / "comfyui"))
     cpu = args.tiny or not torch.cuda.is_available()
     pack = load_comfyui(comfyui_dir, cpu)
     import comfy.model_management as mm
