@@ -1,6 +1,7 @@
 """ComfyUI nodes over sana_core (imported as sana_nodes). Nothing here imports ComfyUI at module
 level: the same classes run inside ComfyUI and in sana-run (see host.py)."""
 from .conditioning import SanaTextEncode
+from .custom_sampling import SanaPAG, SanaSamplerSelect, SanaScheduler
 from .latent import SanaEmptyLatent
 from .loaders import SanaModelLoader, SanaTextEncoderLoader, SanaVAELoader
 from .sampling import SanaSampler
@@ -16,6 +17,9 @@ NODE_CLASS_MAPPINGS = {
     "SanaVAEDecode": SanaVAEDecode,
     "SanaVAEDecodeTiled": SanaVAEDecodeTiled,
     "SanaVAEEncode": SanaVAEEncode,
+    "SanaSamplerSelect": SanaSamplerSelect,
+    "SanaScheduler": SanaScheduler,
+    "SanaPAG": SanaPAG,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "SanaModelLoader": "SANA Model Loader",
@@ -27,4 +31,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SanaVAEDecode": "SANA VAE Decode",
     "SanaVAEDecodeTiled": "SANA VAE Decode (Tiled)",
     "SanaVAEEncode": "SANA VAE Encode",
+    "SanaSamplerSelect": "SANA Sampler Select (SAMPLER)",
+    "SanaScheduler": "SANA Scheduler (SIGMAS)",
+    "SanaPAG": "SANA Perturbed-Attention Guidance",
 }

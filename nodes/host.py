@@ -8,9 +8,14 @@ The node classes never import ComfyUI. They ask `current()` for a host, decided 
     LocalHost  model folders under one directory (ComfyUI's layout), the GPU if there is one,
                tqdm progress, models moved with .to().
 
-Both give the same small interface; the SANA_* socket types carry a `ManagedModel`. Each host holds the
-`Runtime` (sana_core.runtime: CUDA graphs, memory decisions) that the nodes pass to sana_core.
+Both give the same small interface. A loaded model is a `ManagedModel`; `wrap` turns it into what the
+MODEL / CLIP / VAE sockets carry: ComfyUI's own objects inside ComfyUI (comfy_family.py), the
+ManagedModel itself outside (the stand-in sana-run's nodes take). `unwrap` gives nodes the ManagedModel
+back from either.
+Each host holds the `Runtime` (sana_core.runtime: CUDA graphs, memory decisions) that the nodes pass
+to sana_core.
 """
+import copy
 import importlib
 import logging
 import os
@@ -64,11 +69,10 @@ class ModelNotFoundError(FileNotFoundError):
 class ManagedModel:
     """A sana_core model with its file and whatever moves it between devices.
 
-    This is what SANA_MODEL, SANA_TEXT_ENCODER and SANA_VAE carry. `model` is the sana_core object
-    (SanaTransformer, TextEncoder, DCAE). Call `ready()` before computing: it returns the model on
-    its compute device, asking the host's memory manager for room. Inside ComfyUI `patcher` is the
-    comfy.model_patcher.ModelPatcher ComfyUI loads and evicts (what adapters to MODEL/CLIP/VAE and
-    LoRA patches will build on); outside it is None.
+    `model` is the sana_core object (SanaTransformer, TextEncoder, DCAE). Call `ready()` before
+    computing: it returns the model on its compute device, asking the host's memory manager for room.
+    Inside ComfyUI `patcher` is the comfy.model_patcher.ModelPatcher ComfyUI loads and evicts (for the
+    DiT: the MODEL itself, or the patched clone a node was given); outside it is None.
     """
 
     def __init__(self, host, kind: str, model, path: Path, *, load_device, offload_device, patcher=None):
@@ -94,6 +98,26 @@ class ManagedModel:
 
     def __repr__(self):
         return f"<{self.kind} {self.name} on {self.load_device}>"
+
+
+KINDS = {"transformer": ("MODEL", "SanaModelLoader"), "text_encoder": ("CLIP", "SanaTextEncoderLoader"),
+         "autoencoder": ("VAE", "SanaVAELoader")}
+
+
+def unwrap(value, kind: str, where: str) -> ManagedModel:
+    """The ManagedModel behind a MODEL / CLIP / VAE input (ComfyUI's object or the stand-in), or an
+    error naming the node input. A MODEL keeps its own patcher (a clone carrying LoRA or other patches)."""
+    inner = {"transformer": "model", "text_encoder": "cond_stage_model"}.get(kind)
+    managed = value if isinstance(value, ManagedModel) else getattr(
+        getattr(value, inner) if inner and hasattr(value, inner) else value, "sana", None)
+    socket, loader = KINDS[kind]
+    if not isinstance(managed, ManagedModel) or managed.kind != kind:
+        raise ValueError(f"{where}: this {socket} is not a SANA {socket.lower()} (it was loaded by another model "
+                         f"family's loader); load it with {loader}")
+    if kind == "transformer" and managed.patcher is not None and value is not managed.patcher:
+        managed = copy.copy(managed)
+        managed.patcher = value
+    return managed
 
 
 def _exact(device) -> torch.device:
@@ -197,6 +221,22 @@ class LocalHost:
     def manage(self, kind, model, path, load_device, offload_device) -> ManagedModel:
         return ManagedModel(self, kind, model, path, load_device=load_device, offload_device=offload_device)
 
+    def wrap(self, managed: ManagedModel):
+        return managed  # the stand-in for MODEL / CLIP / VAE outside ComfyUI
+
+    def core_loop_reason(self, model, *conditionings):
+        return None  # no patches outside ComfyUI: SanaSampler's own loop always serves
+
+    def sampler(self, name: str, guidance: float):
+        raise RuntimeError("SanaSamplerSelect: a SAMPLER runs in ComfyUI's SamplerCustomAdvanced, which sana-run does "
+                           "not stand in for; use SanaSampler outside ComfyUI")
+
+    def pag_patch(self, model: ManagedModel, scale: float, layers: tuple) -> ManagedModel:
+        """The stand-in MODEL with the SANA PAG patch, as SanaSampler reads it (sampling.model_patch_settings)."""
+        patched = copy.copy(model)
+        patched.model_options = {"transformer_options": {"sana_pag": {"scale": scale, "layers": layers}}}
+        return patched
+
     def load(self, models, memory_required: int = 0) -> None:
         for m in models:
             module = module_of(m.model)
@@ -262,6 +302,7 @@ class ComfyHost:
         self.runtime = Runtime()
         library = logging.getLogger("sana_core")  # its warnings shown on the running node, not only in the log
         library.handlers = [h for h in library.handlers if not isinstance(h, WarningsOnNode)] + [WarningsOnNode()]
+        self.family = importlib.import_module(__package__ + ".comfy_family")
 
     def roots(self, kind: str) -> list[Path]:
         return [Path(p) for folder in MODEL_FOLDERS[kind] for p in self._folder_paths(folder)]
@@ -312,14 +353,34 @@ class ComfyHost:
 
     def manage(self, kind, model, path, load_device, offload_device) -> ManagedModel:
         CallbacksMP = self.callbacks
-        holder = SanaWeights(module_of(model), offload_device)
-        patcher = self.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
+        managed = ManagedModel(self, kind, model, path, load_device=load_device, offload_device=offload_device)
+        if kind == "transformer":
+            patcher = self.family.model_patcher(managed)
+            model = patcher.model.diffusion_model  # its clear_device_caches covers the DiT's and the captions'
+        else:
+            holder = SanaWeights(module_of(model), offload_device)
+            patcher = self.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
         # ComfyUI may evict and reload the weights between (or within) prompts: whatever was
         # derived from their old place (captured graphs, cached tensors) must go.
         patcher.add_callback(CallbacksMP.ON_LOAD, lambda *_: _weights_moved(model, self.runtime))
         patcher.add_callback(CallbacksMP.ON_DETACH, lambda *_: _weights_moved(model, self.runtime))
-        return ManagedModel(self, kind, model, path, load_device=load_device, offload_device=offload_device,
-                            patcher=patcher)
+        managed.patcher = patcher
+        return managed
+
+    def core_loop_reason(self, model, *conditionings):
+        return self.family.core_loop_reason(model, *conditionings)
+
+    def sampler(self, name: str, guidance: float):
+        return self.family.sampler(name, guidance)
+
+    def pag_patch(self, model, scale: float, layers: tuple):
+        return self.family.pag_patch(model, scale, layers)
+
+    def wrap(self, managed: ManagedModel):
+        """MODEL: the ModelPatcher; CLIP: a comfy.sd.CLIP; VAE: a comfy.sd.VAE (comfy_family.py)."""
+        if managed.kind == "transformer":
+            return managed.patcher
+        return (self.family.clip if managed.kind == "text_encoder" else self.family.SanaVAE)(managed)
 
     def load(self, models, memory_required: int = 0) -> None:
         # force_full_load: our modules have no comfy.ops weight casting, so a partial (lowvram)

@@ -1,7 +1,7 @@
 """SanaEmptyLatent: an all-zero latent of a chosen size, with the aspect-ratio bins as presets.
 
-LATENT is ComfyUI's {"samples": (B, 32, H/32, W/32)} in the DiT's latent space: the DC-AE's
-output already multiplied by its scaling factor 0.41407 (so Latent Upscale & co. work on it as-is).
+LATENT is ComfyUI's {"samples": (B, 32, H/32, W/32)}: raw DC-AE latents, as ComfyUI keeps every
+family's; the model's latent format multiplies them by 0.41407 around sampling.
 """
 from math import gcd
 
@@ -53,12 +53,12 @@ class SanaEmptyLatent:
 
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("Zeros of shape [batch, 32, height/32, width/32] in the DiT's latent space (the DC-AE "
-                       "latent already multiplied by 0.41407), for SanaSampler.",)
+    OUTPUT_TOOLTIPS = ("Zeros of shape [batch, 32, height/32, width/32] (a raw DC-AE latent; the model scales it "
+                       "by 0.41407 when sampling), for SanaSampler or KSampler.",)
     FUNCTION = "generate"
     CATEGORY = "SANA"
-    DESCRIPTION = ("An empty SANA latent: 32 channels at 1/32 of the image size, in the DiT's latent space "
-                   "(already scaled by 0.41407). Pick a preset for the sizes the models were trained at.")
+    DESCRIPTION = ("An empty SANA latent: 32 channels at 1/32 of the image size (raw DC-AE latent, ComfyUI's "
+                   "convention). Pick a preset for the sizes the models were trained at.")
 
     @classmethod
     def VALIDATE_INPUTS(cls, preset):

@@ -1,7 +1,7 @@
 """Loader nodes: the DiT, Gemma-2 and DC-AE files from ComfyUI's model folders.
 
-Each returns a `host.ManagedModel` (socket types SANA_MODEL, SANA_TEXT_ENCODER, SANA_VAE). The
-weights are read to the offload device (the CPU unless ComfyUI runs --gpu-only/--highvram) and
+Each returns ComfyUI's core type: MODEL, CLIP, VAE (inside ComfyUI ComfyUI's own objects, see
+comfy_family.py; outside it the `host.ManagedModel` stand-in). The weights are read to the offload device (the CPU unless ComfyUI runs --gpu-only/--highvram) and
 moved to the GPU by the host's memory manager when a node computes with them.
 """
 import sana_core
@@ -59,16 +59,17 @@ class SanaModelLoader:
     def VALIDATE_INPUTS(cls, model_name):
         return _installed("transformer", model_name)
 
-    RETURN_TYPES = ("SANA_MODEL",)
+    RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The SANA diffusion transformer, for SanaSampler.",)
+    OUTPUT_TOOLTIPS = ("The SANA diffusion transformer (a flow model, shift = the variant's default), for SanaSampler, "
+                       "KSampler or SamplerCustomAdvanced.",)
     FUNCTION = "load"
     CATEGORY = "SANA"
     DESCRIPTION = ("Loads a SANA diffusion transformer (Sana 1.0/1.5, 0.6B to 4.8B, Sana-Sprint, 2K/4K) from the "
                    "original .pth/.safetensors, a ComfyUI single file or a diffusers folder.")
 
     def load(self, model_name, dtype):
-        return (_load("transformer", model_name, dtype),)
+        return (host.current().wrap(_load("transformer", model_name, dtype)),)
 
 
 class SanaTextEncoderLoader:
@@ -95,9 +96,10 @@ class SanaTextEncoderLoader:
     def VALIDATE_INPUTS(cls, text_encoder_name):
         return _installed("text_encoder", text_encoder_name)
 
-    RETURN_TYPES = ("SANA_TEXT_ENCODER",)
+    RETURN_TYPES = ("CLIP",)
     RETURN_NAMES = ("text_encoder",)
-    OUTPUT_TOOLTIPS = ("Gemma-2 with its tokenizer, for SanaTextEncode.",)
+    OUTPUT_TOOLTIPS = ("Gemma-2 with its tokenizer, for SanaTextEncode or CLIP Text Encode (which adds SANA's "
+                       "instruction to any text but empty text).",)
     FUNCTION = "load"
     CATEGORY = "SANA"
     DESCRIPTION = "Loads the Gemma-2 text encoder SANA uses, offline, from a Hugging Face folder or a single file."
@@ -105,7 +107,7 @@ class SanaTextEncoderLoader:
     def load(self, text_encoder_name, dtype, device):
         managed = _load("text_encoder", text_encoder_name, dtype, device.split(",")[0])  # auto | gpu | cpu
         managed.offload_after_use = device == "gpu, offload after encoding"
-        return (managed,)
+        return (host.current().wrap(managed),)
 
 
 class SanaVAELoader:
@@ -122,12 +124,13 @@ class SanaVAELoader:
     def VALIDATE_INPUTS(cls, vae_name):
         return _installed("autoencoder", vae_name)
 
-    RETURN_TYPES = ("SANA_VAE",)
+    RETURN_TYPES = ("VAE",)
     RETURN_NAMES = ("vae",)
-    OUTPUT_TOOLTIPS = ("The DC-AE autoencoder, for SanaVAEDecode / SanaVAEEncode.",)
+    OUTPUT_TOOLTIPS = ("The DC-AE autoencoder, for SanaVAEDecode / SanaVAEEncode or VAE Decode (Tiled) / VAE Encode; "
+                       "previews of SANA models while sampling use its colours.",)
     FUNCTION = "load"
     CATEGORY = "SANA"
     DESCRIPTION = "Loads SANA's 32x DC-AE autoencoder (32 latent channels), precision chosen by ComfyUI's VAE rules."
 
     def load(self, vae_name):
-        return (_load("autoencoder", vae_name, "auto"),)
+        return (host.current().wrap(_load("autoencoder", vae_name, "auto")),)

@@ -5,9 +5,11 @@
     sana-run WORKFLOW.json --models DIR --demo  # ...and use them in place of the workflow's models
     sana-run WORKFLOW.json --to-api             # print the API form of a UI workflow
 
-Besides the SANA nodes it has local, ComfyUI-compatible SaveImage, PreviewImage and LoadImage: PNGs
-carry the workflow in their "prompt" (API form) and "workflow" (UI form, when given) text chunks, so
-they open in ComfyUI. NODE in --set is a node id, a node title or a node type that occurs once.
+Besides the SANA nodes it stands in for ComfyUI's core CLIPTextEncode, VAEDecode, VAEDecodeTiled,
+VAEEncode, SaveImage, PreviewImage and LoadImage (same inputs; they take the SANA models): PNGs carry the
+workflow in their "prompt" (API form) and "workflow" (UI form, when given) text chunks, so they open in
+ComfyUI. Other core nodes (KSampler, SamplerCustomAdvanced, ModelSamplingSD3 ...) run in ComfyUI only.
+NODE in --set is a node id, a node title or a node type that occurs once.
 """
 import argparse
 import inspect
@@ -22,6 +24,8 @@ import numpy as np
 import torch
 
 from . import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host
+from .conditioning import encode_text
+from .vae import decode, encode
 
 PRIMITIVE_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 VIRTUAL_NODES = ("Note", "MarkdownNote")  # UI-only, never executed
@@ -128,9 +132,72 @@ class LoadImage:
         return (pixels, mask[None])
 
 
-CORE_NODES = {"SaveImage": SaveImage, "PreviewImage": PreviewImage, "LoadImage": LoadImage}
+class CLIPTextEncode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"multiline": True, "dynamicPrompts": True}), "clip": ("CLIP",)}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    CATEGORY = "conditioning"
+
+    def encode(self, clip, text):  # SANA's recipe, as the CLIP of SanaTextEncoderLoader in ComfyUI
+        emb, mask = encode_text(host.unwrap(clip, "text_encoder", "CLIPTextEncode"), text, bool(text.strip()))
+        return ([[emb, {"attention_mask": mask}]],)
+
+
+class VAEDecode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "vae": ("VAE",)}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "decode"
+    CATEGORY = "latent"
+
+    def decode(self, vae, samples):
+        return (decode(host.unwrap(vae, "autoencoder", "VAEDecode"), samples, "VAEDecode"),)
+
+
+class VAEDecodeTiled:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "vae": ("VAE",),
+                             "tile_size": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 32}),
+                             "overlap": ("INT", {"default": 64, "min": 0, "max": 4096, "step": 32}),
+                             "temporal_size": ("INT", {"default": 64, "min": 8, "max": 4096, "step": 4}),
+                             "temporal_overlap": ("INT", {"default": 8, "min": 4, "max": 4096, "step": 4})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "decode"
+    CATEGORY = "_for_testing"
+
+    def decode(self, vae, samples, tile_size, overlap=64, temporal_size=64, temporal_overlap=8):
+        managed = host.unwrap(vae, "autoencoder", "VAEDecodeTiled")
+        decoder = managed.model.decoder  # overlap raised to the exact context, as the SANA VAE does in ComfyUI
+        return (decode(managed, samples, "VAEDecodeTiled", tile=tile_size,
+                       overlap=max(overlap, decoder.local_halo * decoder.local_scale)),)
+
+
+class VAEEncode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"pixels": ("IMAGE",), "vae": ("VAE",)}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "encode"
+    CATEGORY = "latent"
+
+    def encode(self, vae, pixels):
+        return ({"samples": encode(host.unwrap(vae, "autoencoder", "VAEEncode"), pixels, "VAEEncode")},)
+
+
+CORE_NODES = {"SaveImage": SaveImage, "PreviewImage": PreviewImage, "LoadImage": LoadImage,
+              "CLIPTextEncode": CLIPTextEncode, "VAEDecode": VAEDecode, "VAEDecodeTiled": VAEDecodeTiled,
+              "VAEEncode": VAEEncode}
 DISPLAY_NAMES = {**NODE_DISPLAY_NAME_MAPPINGS, "SaveImage": "Save Image", "PreviewImage": "Preview Image",
-                 "LoadImage": "Load Image"}
+                 "LoadImage": "Load Image", "CLIPTextEncode": "CLIP Text Encode (Prompt)", "VAEDecode": "VAE Decode",
+                 "VAEDecodeTiled": "VAE Decode (Tiled)", "VAEEncode": "VAE Encode"}
 
 
 def node_classes() -> dict:
@@ -301,8 +368,9 @@ def validate(prompt: dict, classes: dict) -> list[str]:
     """Check types, links and inputs; return the ids of the nodes to run, in dependency order."""
     for node_id, node in prompt.items():
         if node["class_type"] not in classes:
-            raise WorkflowError(f"{_describe(prompt, node_id)}: unknown node type; sana-run runs the SANA nodes and "
-                                f"{', '.join(CORE_NODES)} (run other workflows in ComfyUI)")
+            raise WorkflowError(f"{_describe(prompt, node_id)}: sana-run cannot stand in for this node; it runs the "
+                                f"SANA nodes and ComfyUI's {', '.join(CORE_NODES)} (run this workflow in ComfyUI, or "
+                                f"use SanaSampler for KSampler)")
     outputs = [i for i, n in prompt.items() if getattr(classes[n["class_type"]], "OUTPUT_NODE", False)]
     if not outputs:
         raise WorkflowError("the workflow has no output node (SaveImage or PreviewImage): nothing would be saved")

@@ -1,6 +1,10 @@
 """SanaSampler: Flow-DPM-Solver / Flow Euler / Sprint sampling with CFG and PAG (sana_core.guidance).
 
-Noise is made as ComfyUI's KSampler makes it (on the CPU from the seed), every step updates
+It runs our own guided loop (one batched DiT call per step, the caption encoded once, a CUDA graph per
+step) on the MODEL's DiT, with the MODEL's weight patches applied by its ModelPatcher and its SANA PAG
+patch and ModelSamplingSD3 shift read from it; KSampler / SamplerCustomAdvanced with the SANA SAMPLER
+and SIGMAS give the same latents through ComfyUI's own loop. Noise is made as ComfyUI's KSampler makes
+it (on the CPU from the seed), LATENT is raw (scaled by 0.41407 around sampling), every step updates
 ComfyUI's progress bar with a live preview (the DC-AE's linear latent-to-RGB projection) and checks
 the Cancel button. Besides the LATENT it sends timing and memory figures to the frontend:
 ui {"sana_stats": [{"seconds_per_step", "total_seconds", "peak_gpu_memory_gib", ...}]}.
@@ -8,14 +12,17 @@ ui {"sana_stats": [{"seconds_per_step", "total_seconds", "peak_gpu_memory_gib", 
 import time
 
 import torch
+from sana_core.autoencoder import SCALING_FACTOR
 from sana_core.guidance import sample_latents
-from sana_core.presets import defaults_for
+from sana_core.presets import defaults_for, pairing_error
 from sana_core.samplers import SAMPLERS
 
 from . import host
+from .conditioning import caption_mask
 from .latent import LATENT_CHANNELS
 
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
+PAG_OPTION = "sana_pag"  # transformer_options key of the SANA PAG patch: {"scale", "layers"}
 PREVIEW_UPSCALE = 8  # the latent is 1/32 of the image: show previews at 1/4
 
 
@@ -35,8 +42,8 @@ def latent_samples(latent, node: str) -> torch.Tensor:
     if samples.shape[1] != LATENT_CHANNELS:
         raise ValueError(
             f"{node}: the latent has {samples.shape[1]} channels, SANA's have {LATENT_CHANNELS}: it comes from another "
-            f"model family (SD 1.5/SDXL latents have 4 channels, SD3/Flux 16). Make it with SanaEmptyLatent or "
-            f"SanaVAEEncode instead.")
+            f"model family (SD 1.5/SDXL latents have 4 channels, SD3/Flux 16). Make it with SanaEmptyLatent, or "
+            f"encode the image with the SANA VAE (SanaVAELoader) instead.")
     if not torch.isfinite(samples).all():
         raise ValueError(f"{node}: the latent holds NaN or infinite values; check the node that made it")
     return samples
@@ -50,6 +57,9 @@ def caption(conditioning, name: str, model_config):
         raise ValueError(f"SanaSampler: '{name}' holds {len(conditioning)} combined conditionings; SANA takes one "
                          f"caption per prompt: use a single SanaTextEncode (batch prompts in the latent instead)")
     emb, extra = conditioning[0][0], conditioning[0][1]
+    if not isinstance(emb, torch.Tensor):
+        raise ValueError(f"SanaSampler: '{name}' is not a text conditioning; connect a SanaTextEncode or CLIP Text "
+                         f"Encode with the SANA text encoder")
     if emb.dim() != 3 or emb.shape[-1] != model_config.caption_dim:
         raise ValueError(
             f"SanaSampler: '{name}' has shape {list(emb.shape)}, the model reads Gemma-2 captions of width "
@@ -57,7 +67,14 @@ def caption(conditioning, name: str, model_config):
             f"Use SanaTextEncode with SanaTextEncoderLoader.")
     if not torch.isfinite(emb).all():
         raise ValueError(f"SanaSampler: '{name}' holds NaN values; load the text encoder in bf16 or fp32")
-    return emb, extra.get("attention_mask")
+    return emb, caption_mask(emb, extra.get("attention_mask"))
+
+
+def model_patch_settings(model) -> tuple:
+    """(SANA PAG patch {"scale", "layers"} or None, ModelSamplingSD3 shift or None) on a MODEL."""
+    options = getattr(model, "model_options", {}).get("transformer_options", {})
+    sampling = getattr(model, "object_patches", {}).get("model_sampling")
+    return options.get(PAG_OPTION), getattr(sampling, "shift", None)
 
 
 def dit_memory_required(config, forwards: int, tokens: int, element_size: int) -> int:
@@ -89,11 +106,13 @@ class SanaSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("SANA_MODEL", {"tooltip": "The SANA transformer from SanaModelLoader."}),
-                "positive": ("CONDITIONING", {"tooltip": "The prompt, from SanaTextEncode (instruction on)."}),
+                "model": ("MODEL", {"tooltip": "The SANA transformer from SanaModelLoader (LoRA, ModelSamplingSD3 and "
+                                               "SANA PAG patches apply)."}),
+                "positive": ("CONDITIONING", {"tooltip": "The prompt, from SanaTextEncode (instruction on) or CLIP "
+                                                         "Text Encode on the SANA text encoder."}),
                 "latent_image": ("LATENT", {
-                    "tooltip": "Where to start: SanaEmptyLatent for text-to-image, SanaVAEEncode with denoise < 1 for "
-                               "image-to-image. 32 channels, in the DiT's latent space."}),
+                    "tooltip": "Where to start: SanaEmptyLatent for text-to-image, SanaVAEEncode / VAE Encode with "
+                               "denoise < 1 for image-to-image. 32 channels, raw DC-AE latent."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
                                  "tooltip": "The noise seed (the noise is made on the CPU, so a seed gives the same "
                                             "image on any GPU, as in ComfyUI's KSampler)."}),
@@ -104,12 +123,13 @@ class SanaSampler:
                                   "tooltip": "Classifier-free guidance scale (4.5-5 typical; 1 = off, no negative "
                                              "needed). For Sana-Sprint: the embedded guidance (4.5), no extra cost."}),
                 "pag_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1, "round": 0.01,
-                                        "tooltip": "Perturbed-attention guidance (2.0 official; 0 = off). Adds one "
-                                                   "model pass per step; perturbs the variant's default layer. Not "
-                                                   "for Sana-Sprint."}),
+                                        "tooltip": "Perturbed-attention guidance (2.0 official; 0 = off, or the "
+                                                   "MODEL's SANA PAG patch). Adds one model pass per step; perturbs "
+                                                   "the variant's default layer. Not for Sana-Sprint."}),
                 "flow_shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                                         "tooltip": "Shift of the flow time grid; 0 = the variant's default (3.0 for "
-                                                    "1.6B and 2K, 4.0 for 0.6B at 1024, 6.0 for 4K)."}),
+                                         "tooltip": "Shift of the flow time grid; 0 = the MODEL's (ModelSamplingSD3) "
+                                                    "or the variant's default (3.0 for 1.6B and 2K, 4.0 for 0.6B at "
+                                                    "1024, 6.0 for 4K)."}),
                 "sampler": (list(SAMPLERS), {
                     "default": "flow_dpm_solver",
                     "tooltip": "flow_dpm_solver (DPM-Solver++ 2M, SANA's own), flow_euler, or scm for Sana-Sprint "
@@ -122,13 +142,13 @@ class SanaSampler:
                 "negative": ("CONDITIONING", {
                     "tooltip": "The negative prompt (SanaTextEncode with instruction off; empty text is the usual "
                                "choice). Needed when cfg is not 1; unused by Sana-Sprint."}),
-                "vae": ("SANA_VAE", {"tooltip": "Optional: the DC-AE, for live previews while sampling."}),
+                "vae": ("VAE", {"tooltip": "Optional: the DC-AE, for live previews while sampling."}),
             },
         }
 
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("The denoised latent (DiT latent space), for SanaVAEDecode.",)
+    OUTPUT_TOOLTIPS = ("The denoised latent (raw DC-AE latent), for SanaVAEDecode or VAE Decode.",)
     FUNCTION = "sample"
     CATEGORY = "SANA"
     DESCRIPTION = ("Samples a SANA latent with Flow-DPM-Solver, Flow Euler or Sana-Sprint's scm, with CFG and "
@@ -139,18 +159,27 @@ class SanaSampler:
                negative=None, vae=None):
         started = time.perf_counter()
         h = host.current()
-        samples = latent_samples(latent_image, "SanaSampler")
+        pag_patch, patched_shift = model_patch_settings(model)
+        core_loop = h.core_loop_reason(model, positive, negative)  # None: our own loop gives the same
+        patched_model, model = model, host.unwrap(model, "transformer", "SanaSampler")
+        vae = None if vae is None else host.unwrap(vae, "autoencoder", "SanaSampler")
+        raw = latent_samples(latent_image, "SanaSampler")
+        samples = raw * SCALING_FACTOR  # the DiT's latent space
         config = model.model.config
         batch, _, lh, lw = samples.shape
-        cond, cond_mask = caption(positive, "positive", config)
-        uncond = uncond_mask = None
-        if negative is not None:
-            uncond, uncond_mask = caption(negative, "negative", config)
-        elif not config.sprint and cfg != 1.0:
+        cond = cond_mask = uncond = uncond_mask = None
+        if not core_loop:
+            cond, cond_mask = caption(positive, "positive", config)
+            if negative is not None:
+                uncond, uncond_mask = caption(negative, "negative", config)
+        if negative is None and not config.sprint and cfg != 1.0:
             raise ValueError(f"SanaSampler: cfg {cfg} needs a negative prompt: connect a SanaTextEncode (instruction "
                              f"off; empty text is fine) to 'negative', or set cfg to 1")
         defaults = defaults_for(config, lw * 32, lh * 32)
-        shift = flow_shift if flow_shift > 0 else (defaults["shift"] or 3.0)  # Sprint has none (scm ignores it)
+        shift = flow_shift or patched_shift or defaults["shift"] or 3.0  # Sprint has none (scm ignores it)
+        pag_layers = defaults["pag_layers"]
+        if pag_scale == 0.0 and pag_patch is not None:
+            pag_scale, pag_layers = pag_patch["scale"], pag_patch["layers"]
         if denoise <= 0.0:
             return {"ui": {"sana_stats": []}, "result": (dict(latent_image),)}
         preview = None
@@ -175,10 +204,19 @@ class SanaSampler:
 
         sampling_started = time.perf_counter()
         try:
-            result = sample_latents(dit, noise, cond, cond_mask, uncond, uncond_mask, sampler=sampler, steps=steps,
-                                    cfg=cfg, pag_scale=pag_scale, pag_layers=defaults["pag_layers"], shift=shift,
-                                    denoise=denoise, latent=samples if denoise < 1.0 else None, seed=seed,
-                                    callback=callback, runtime=h.runtime)
+            if core_loop:
+                error = pairing_error(config, sampler, steps)
+                if error:
+                    raise ValueError(error)
+                host.log.info(f"SanaSampler: ComfyUI's sampling loop for {core_loop}")
+                result = h.family.sample(patched_model, positive, negative, raw, noise, sampler_name=sampler,
+                                         steps=steps, cfg=cfg, pag_scale=pag_scale, pag_layers=pag_layers,
+                                         shift=shift, denoise=denoise, seed=seed, callback=callback)
+            else:
+                result = sample_latents(dit, noise, cond, cond_mask, uncond, uncond_mask, sampler=sampler,
+                                        steps=steps, cfg=cfg, pag_scale=pag_scale, pag_layers=pag_layers, shift=shift,
+                                        denoise=denoise, latent=samples if denoise < 1.0 else None, seed=seed,
+                                        callback=callback, runtime=h.runtime) / SCALING_FACTOR
         finally:
             noise = None
             h.free_cache()

@@ -1,9 +1,12 @@
-"""DC-AE nodes: decode (untiled when it fits, tiled otherwise), tiled decode, encode.
+"""DC-AE nodes: decode (untiled when it fits, tiled otherwise), tiled decode, encode; the same
+functions serve ComfyUI's VAE Decode / VAE Decode (Tiled) / VAE Encode on a SANA VAE (comfy_family).
 
-IMAGE is ComfyUI's float [B, H, W, 3] in 0..1 on the CPU; the DC-AE works on [B, 3, H, W] in
--1..1 and on latents in the DiT's latent space (already scaled by 0.41407).
+IMAGE is ComfyUI's float [B, H, W, 3] in 0..1 on the CPU; LATENT holds raw DC-AE latents (ComfyUI's
+convention; the model's latent format scales them by 0.41407 around sampling). The DC-AE works on
+[B, 3, H, W] in -1..1 and on scaled latents.
 """
 import torch
+import torch.nn.functional as F
 from sana_core.autoencoder import DEFAULT_TILE
 from sana_core.resolution import LATENT_FACTOR
 
@@ -23,18 +26,43 @@ def to_image(pixels: torch.Tensor, node: str) -> torch.Tensor:
     return image.to(host.current().intermediate_device())
 
 
-def _decode_input(vae, samples, node):
-    latent = latent_samples(samples, node)
-    ae = vae.ready(vae.model.activation_bytes(*latent.shape[:1], *latent.shape[2:]))  # ComfyUI makes room
-    return ae, latent.to(device=ae.device, dtype=ae.dtype)
+def decode(vae: host.ManagedModel, samples, node: str, *, tile: int = None, overlap: int = None):
+    """IMAGE of a LATENT or raw latent tensor (B, 32, h, w): tiles of `tile` pixels reading `overlap`
+    pixels of context when tile is given, else untiled when it fits in free memory and tiled when not."""
+    latent = latent_samples(samples if isinstance(samples, dict) else {"samples": samples}, node)
+    shape = (latent.shape[0], *latent.shape[2:])
+    ae = vae.ready(vae.model.activation_bytes(*shape, tile=tile))  # ComfyUI makes room
+    scaled = latent.to(device=ae.device, dtype=torch.float32) * ae.scaling_factor
+    h = host.current()
+    with torch.inference_mode():  # Cancel between stages and tiles
+        pixels = h.runtime.decode(ae, scaled, between=h.check_interrupted) if tile is None else \
+            ae.decode_tiled(scaled, tile=tile, overlap=overlap, between=h.check_interrupted)
+    return to_image(pixels, node)
+
+
+def encode(vae: host.ManagedModel, pixels, node: str) -> torch.Tensor:
+    """Raw latent (B, 32, ceil(H/32), ceil(W/32)) of an IMAGE; sides that are not multiples of 32 are
+    padded (edge pixels repeated), never cropped."""
+    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4:
+        raise ValueError(f"{node}: 'pixels' is not a ComfyUI IMAGE [batch, height, width, channels]")
+    if not torch.isfinite(pixels).all():
+        raise ValueError(f"{node}: the image holds NaN or infinite values")
+    image = pixels[..., :3].movedim(-1, 1).float()  # (B, 3, H, W), alpha dropped
+    height, width = image.shape[-2:]
+    image = F.pad(image, (0, -width % LATENT_FACTOR, 0, -height % LATENT_FACTOR), mode="replicate")
+    ae = vae.ready(vae.model.activation_bytes(image.shape[0], image.shape[2] // LATENT_FACTOR,
+                                              image.shape[3] // LATENT_FACTOR))
+    with torch.inference_mode():
+        latent = ae.encode((image * 2 - 1).to(device=ae.device, dtype=ae.dtype))
+    return (latent.float() / ae.scaling_factor).to(host.current().intermediate_device())
 
 
 class SanaVAEDecode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "samples": ("LATENT", {"tooltip": "The SANA latent to decode (32 channels, DiT latent space)."}),
-            "vae": ("SANA_VAE", {"tooltip": "The DC-AE from SanaVAELoader."}),
+            "samples": ("LATENT", {"tooltip": "The SANA latent to decode (32 channels, raw DC-AE latent)."}),
+            "vae": ("VAE", {"tooltip": "The DC-AE from SanaVAELoader."}),
         }}
 
     RETURN_TYPES = ("IMAGE",)
@@ -46,18 +74,15 @@ class SanaVAEDecode:
                    "error.")
 
     def decode(self, samples, vae):
-        ae, latent = _decode_input(vae, samples, "SanaVAEDecode")
-        with torch.inference_mode():
-            pixels = host.current().runtime.decode(ae, latent, between=host.current().check_interrupted)  # Cancel between stages
-        return (to_image(pixels, "SanaVAEDecode"),)
+        return (decode(host.unwrap(vae, "autoencoder", "SanaVAEDecode"), samples, "SanaVAEDecode"),)
 
 
 class SanaVAEDecodeTiled:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "samples": ("LATENT", {"tooltip": "The SANA latent to decode (32 channels, DiT latent space)."}),
-            "vae": ("SANA_VAE", {"tooltip": "The DC-AE from SanaVAELoader."}),
+            "samples": ("LATENT", {"tooltip": "The SANA latent to decode (32 channels, raw DC-AE latent)."}),
+            "vae": ("VAE", {"tooltip": "The DC-AE from SanaVAELoader."}),
             "tile_size": ("INT", {"default": DEFAULT_TILE, "min": 64, "max": 8192, "step": LATENT_FACTOR,
                                   "tooltip": "Tile side in output pixels. Smaller tiles use less memory, larger ones "
                                              "are faster (the attention stages always see the whole image)."}),
@@ -75,44 +100,26 @@ class SanaVAEDecodeTiled:
                    "more, exactly the untiled result.")
 
     def decode(self, samples, vae, tile_size, overlap):
-        latent = latent_samples(samples, "SanaVAEDecodeTiled")
-        ae = vae.ready(vae.model.activation_bytes(latent.shape[0], *latent.shape[2:], tile=tile_size))
-        with torch.inference_mode():
-            pixels = ae.decode_tiled(latent.to(device=ae.device, dtype=ae.dtype), tile=tile_size, overlap=overlap,
-                                     between=host.current().check_interrupted)  # Cancel between tiles
-        return (to_image(pixels, "SanaVAEDecodeTiled"),)
+        node = "SanaVAEDecodeTiled"
+        return (decode(host.unwrap(vae, "autoencoder", node), samples, node, tile=tile_size, overlap=overlap),)
 
 
 class SanaVAEEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "pixels": ("IMAGE", {"tooltip": "The image to encode. Its sides are cropped (centred) to multiples of "
-                                            "32, at most 31 pixels each, as ComfyUI's VAE Encode does; scale it "
-                                            "first for other sizes."}),
-            "vae": ("SANA_VAE", {"tooltip": "The DC-AE from SanaVAELoader."}),
+            "pixels": ("IMAGE", {"tooltip": "The image to encode. Sides that are not multiples of 32 are padded "
+                                            "(edge pixels repeated) up to the next multiple, never cropped."}),
+            "vae": ("VAE", {"tooltip": "The DC-AE from SanaVAELoader."}),
         }}
 
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("The latent [B, 32, H/32, W/32] in the DiT's latent space (scaled by 0.41407), for "
-                       "SanaSampler with denoise < 1.",)
+    OUTPUT_TOOLTIPS = ("The raw DC-AE latent [B, 32, H/32, W/32] (ComfyUI's convention: the model scales it "
+                       "by 0.41407 when sampling), for SanaSampler or KSampler with denoise < 1.",)
     FUNCTION = "encode"
     CATEGORY = "SANA"
     DESCRIPTION = "Encodes an image to a SANA latent (image-to-image, inpainting-free edits)."
 
     def encode(self, pixels, vae):
-        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4:
-            raise ValueError("SanaVAEEncode: 'pixels' is not a ComfyUI IMAGE [batch, height, width, channels]")
-        _, height, width, _ = pixels.shape
-        if height < LATENT_FACTOR or width < LATENT_FACTOR:
-            raise ValueError(f"SanaVAEEncode: the image is {width}x{height}; SANA needs at least 32x32 pixels")
-        top, left = (height % LATENT_FACTOR) // 2, (width % LATENT_FACTOR) // 2
-        pixels = pixels[:, top:top + height // LATENT_FACTOR * LATENT_FACTOR,
-                        left:left + width // LATENT_FACTOR * LATENT_FACTOR, :3]  # centred crop, drop alpha
-        if not torch.isfinite(pixels).all():
-            raise ValueError("SanaVAEEncode: the image holds NaN or infinite values")
-        ae = vae.ready(vae.model.activation_bytes(pixels.shape[0], height // LATENT_FACTOR, width // LATENT_FACTOR))
-        with torch.inference_mode():
-            latent = ae.encode((pixels.movedim(-1, 1) * 2 - 1).to(device=ae.device, dtype=ae.dtype))
-        return ({"samples": latent.float().to(host.current().intermediate_device())},)
+        return ({"samples": encode(host.unwrap(vae, "autoencoder", "SanaVAEEncode"), pixels, "SanaVAEEncode")},)

@@ -220,3 +220,77 @@ class FiniteCheck:
                 f"dtype=torch.bfloat16), a damaged or mismatched model file, or NaN in the input latent or image. "
                 f"No image is made from it.")
         self.pending = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The same samplers in k-diffusion's form (ComfyUI's SAMPLER): sampler(model, x, sigmas, extra_args,
+# callback, disable) where model(x, sigma (B,), **extra_args) returns the denoised latent x0 (a flow
+# model: x0 = x - sigma v) and x starts already noised to sigmas[0]. They run the loops above on the
+# velocity recovered from the denoised latent, v = (x - x0) / sigma, so that the model can be called
+# at the references' timestep while the solver's arithmetic keeps the float sigma.
+
+def _velocity_of(model, extra_args):
+    """velocity_fn(x, t) for the loops above from a k-diffusion denoiser called at sigma = t."""
+    extra_args = extra_args or {}
+
+    def velocity(x, t):  # t (B,) float32 > 0
+        t = t.clamp(max=1.0)  # sCM's first time is pi/2 in float32, a hair past t = 1 (k-diffusion grids end at 1)
+        return (x - model(x, t, **extra_args)) / t.view(-1, *[1] * (x.dim() - 1))
+    return velocity
+
+
+def _k_callback(callback):
+    if callback is None:
+        return None
+    return lambda step, total, x0: callback({"i": step - 1, "denoised": x0, "x": x0})
+
+
+def model_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
+    """The flow times [N] Flow-DPM-Solver shows the DiT for the sigmas [N + 1]: floor(sigma * 1000) / 1000
+    as both references do (floored at 1/1000, so that the velocity can be recovered from x0)."""
+    integer = torch.floor(sigmas[:-1].double().cpu() * NUM_TRAIN_TIMESTEPS).clamp_(min=1)
+    return (integer / NUM_TRAIN_TIMESTEPS).float()
+
+
+@torch.no_grad()
+def sample_flow_dpm_solver(model, x, sigmas, extra_args=None, callback=None, disable=None, integer_timesteps=True):
+    """Flow-DPM-Solver (DPM-Solver++ 2M in the flow's lambda = log((1 - sigma) / sigma)) in k-diffusion form."""
+    sigmas = sigmas.float().cpu()
+    times = model_timesteps(sigmas) if integer_timesteps else sigmas[:-1]
+    return _flow_dpm_solver(_velocity_of(model, extra_args), x.float(), sigmas, times.to(x.device), None,
+                            _k_callback(callback))
+
+
+@torch.no_grad()
+def sample_flow_euler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """Flow Euler, x += (sigma_next - sigma) v, in k-diffusion form (the model sees the float sigmas)."""
+    sigmas = sigmas.float().cpu()
+    return _flow_euler(_velocity_of(model, extra_args), x.float(), sigmas, sigmas[:-1].to(x.device), None,
+                       _k_callback(callback))
+
+
+def scm_sigmas(steps: int, denoise: float = 1.0) -> torch.Tensor:
+    """Sana-Sprint's TrigFlow times as flow sigmas (t = sin s / (sin s + cos s)), float32 [steps + 1].
+    The first time, 1.5708, is a hair past pi/2 (t = 1.0000037): clamped to 1, where ComfyUI's schedules
+    start (timestep ranges, noise scaling); the sampler then starts at s = pi/2."""
+    check_steps("scm", steps, denoise)
+    total = steps if denoise >= 1.0 else int(steps / denoise)
+    return trigflow_to_flow_time(scm_times(total))[-(steps + 1):].clamp(max=1.0)
+
+
+@torch.no_grad()
+def sample_scm(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """Sana-Sprint's sCM steps in k-diffusion form. sigmas: flow sigmas from scm_sigmas (converted back
+    to TrigFlow times); x: the flow latent at sigmas[0]. Fresh noise at each step comes from a CPU
+    generator seeded with extra_args["seed"] after one draw of x's shape (the initial noise's draw, as
+    SanaSampler does)."""
+    sigmas = sigmas.float().cpu()
+    times = torch.atan2(sigmas, 1 - sigmas)  # TrigFlow time s of each flow time t
+    t0 = sigmas[0]
+    trig = x.float() * SIGMA_DATA / torch.sqrt(t0 ** 2 + (1 - t0) ** 2).to(x.device)  # flow -> TrigFlow space
+    generator = torch.Generator().manual_seed(int((extra_args or {}).get("seed", 0) or 0))
+    torch.randn(x.shape, generator=generator)
+    return _scm(_velocity_of(model, extra_args), trig / SIGMA_DATA, times, None, generator, _k_callback(callback))
+
+
+K_SAMPLERS = {"flow_dpm_solver": sample_flow_dpm_solver, "flow_euler": sample_flow_euler, "scm": sample_scm}

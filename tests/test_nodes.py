@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sana_core.autoencoder import SCALING_FACTOR
 from sana_core.checkpoints import CheckpointError
 from sana_core.guidance import sample_latents
 from sana_core.presets import defaults_for
@@ -34,7 +35,12 @@ EXPECTED_INPUTS = {
     "SanaVAEDecode": ["samples", "vae"],
     "SanaVAEDecodeTiled": ["samples", "vae", "tile_size", "overlap"],
     "SanaVAEEncode": ["pixels", "vae"],
+    "SanaSamplerSelect": ["sampler", "guidance"],
+    "SanaScheduler": ["model", "sampler", "steps", "flow_shift", "denoise"],
+    "SanaPAG": ["model", "scale", "layers"],
 }
+# Round 1's SANA_* socket types are retired: the loaders give ComfyUI's own.
+CORE_TYPES = {"SanaModelLoader": ("MODEL",), "SanaTextEncoderLoader": ("CLIP",), "SanaVAELoader": ("VAE",)}
 
 
 def run(cls, **inputs):
@@ -93,12 +99,17 @@ def test_node_definitions_are_complete():
         types = cls.INPUT_TYPES()
         inputs = {**types["required"], **types.get("optional", {})}
         assert list(inputs) == EXPECTED_INPUTS[name]
-        assert cls.CATEGORY == "SANA" and len(cls.DESCRIPTION) > 40 and callable(getattr(cls, cls.FUNCTION))
+        assert cls.CATEGORY.startswith("SANA") and len(cls.DESCRIPTION) > 40 and callable(getattr(cls, cls.FUNCTION))
         for input_name, spec in inputs.items():
             assert len(spec) == 2 and spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
         assert len(getattr(cls, "OUTPUT_TOOLTIPS", ())) == len(cls.RETURN_TYPES)
     assert SanaSampler.INPUT_TYPES()["required"]["seed"][1]["control_after_generate"]
     assert "0.41407" in SanaEmptyLatent.OUTPUT_TOOLTIPS[0]
+    for name, types in CORE_TYPES.items():
+        assert NODE_CLASS_MAPPINGS[name].RETURN_TYPES == types
+    every_type = [spec[0] for cls in NODE_CLASS_MAPPINGS.values() for section in cls.INPUT_TYPES().values()
+                  for spec in section.values()] + [t for cls in NODE_CLASS_MAPPINGS.values() for t in cls.RETURN_TYPES]
+    assert not [t for t in every_type if isinstance(t, str) and t.startswith("SANA_")]
 
 
 # -- model files -------------------------------------------------------------------------------
@@ -214,7 +225,7 @@ def test_sampler_is_sana_core_with_comfyui_noise(loaded):
                               sampler="flow_dpm_solver", steps=2, cfg=4.5, pag_scale=2.0,
                               pag_layers=defaults_for(model.config, 64, 96)["pag_layers"],
                               shift=defaults_for(model.config, 64, 96)["shift"], seed=7)
-    assert torch.equal(result, expected)
+    assert torch.equal(result, expected / SCALING_FACTOR)  # LATENT is raw: the DiT's space / 0.41407
     stats, = out["ui"]["sana_stats"]
     assert stats["steps"] == 2 and 0 < stats["seconds_per_step"] <= stats["total_seconds"]
     assert stats["peak_gpu_memory_gib"] is None and stats["device"] == "cpu"
@@ -284,13 +295,17 @@ def test_decode_encode_and_image_to_image(loaded, local):
     assert torch.allclose(tiled, image, atol=1e-5)  # overlap >= the receptive field: no seams at all
     photo = torch.rand(1, 100, 70, 4)  # RGBA, sides not multiples of 32
     encoded, = run(SanaVAEEncode, pixels=photo, vae=vae)
-    assert encoded["samples"].shape == (1, 32, 3, 2)  # cropped to 96 x 64
+    assert encoded["samples"].shape == (1, 32, 4, 3)  # padded to 128 x 96, never cropped
+    padded = torch.nn.functional.pad(photo[..., :3].movedim(-1, 1), (0, 26, 0, 28), mode="replicate")
+    expected = vae.model.encode(padded * 2 - 1) / SCALING_FACTOR  # raw DC-AE latent
+    assert torch.allclose(encoded["samples"], expected, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(run(SanaVAEDecode, samples=encoded, vae=vae)[0].movedim(-1, 1) * 2 - 1,
+                          vae.model.decode(expected * SCALING_FACTOR), atol=1e-5)
     varied = sample(loaded, encoded, denoise=0.6)["result"][0]["samples"]
-    assert varied.shape == (1, 32, 3, 2) and not torch.equal(varied, sample(loaded, encoded)["result"][0]["samples"])
+    assert varied.shape == (1, 32, 4, 3) and not torch.equal(varied, sample(loaded, encoded)["result"][0]["samples"])
     with pytest.raises(ValueError, match="NaN"):
         run(SanaVAEDecode, samples={"samples": torch.full((1, 32, 2, 2), float("nan"))}, vae=vae)
-    with pytest.raises(ValueError, match="at least 32x32"):
-        run(SanaVAEEncode, pixels=torch.rand(1, 20, 64, 3), vae=vae)
+    assert run(SanaVAEEncode, pixels=torch.rand(1, 20, 64, 3), vae=vae)[0]["samples"].shape == (1, 32, 1, 2)
 
 
 # -- sana-run --------------------------------------------------------------------------------------
@@ -313,7 +328,7 @@ def test_runner_runs_each_workflow(models, tmp_path, capsys, name):
     written = Path(captured.out.strip().splitlines()[-1])
     assert written.parent == tmp_path / "out" / "SANA" and written.is_file()
     with Image.open(written) as png:
-        assert png.size == (64, 64)
+        assert png.size == ((96, 64) if "image_to" in name else (64, 64))  # a 70 px side is padded, not cropped
         prompt = json.loads(png.text["prompt"])
     sampler = next(n for n in prompt.values() if n["class_type"] == "SanaSampler")
     assert sampler["inputs"]["steps"] == 2 and "2 steps" in captured.err
@@ -352,7 +367,7 @@ def test_runner_errors_are_clear(models, tmp_path, capsys):
     assert "'Sana_1600M_1024px_BF16.pth' was not found in diffusion_models or checkpoints (searched: " \
            f"{models / 'diffusion_models'}" in attempt(workflow)
     unknown = dict(workflow, **{"99": {"class_type": "KSampler", "inputs": {}}})
-    assert "node 99 (KSampler): unknown node type" in attempt(unknown, "--demo")
+    assert "node 99 (KSampler): sana-run cannot stand in for this node" in attempt(unknown, "--demo")
     missing = json.loads(json.dumps(workflow))
     del missing["8"]["inputs"]["positive"]
     assert "node 8 (SanaSampler) is missing its required input 'positive' (CONDITIONING)" in attempt(missing, "--demo")
@@ -363,3 +378,73 @@ def test_runner_errors_are_clear(models, tmp_path, capsys):
     wrong_link = json.loads(json.dumps(workflow))
     wrong_link["8"]["inputs"]["latent_image"] = ["5", 0]
     assert "takes LATENT but is linked to a CONDITIONING output" in attempt(wrong_link, "--demo")
+
+
+@pytest.mark.parametrize("form", ["api", "ui"])
+def test_runner_runs_a_round_1_workflow(models, tmp_path, capsys, form):
+    """Workflows saved by round 1 (SANA_MODEL / SANA_TEXT_ENCODER / SANA_VAE links) still run."""
+    path = ROOT / "tests" / "fixtures" / "round1" / ("api/" if form == "api" else "") / "sana_1024_text_to_image.json"
+    assert "SANA_MODEL" in path.read_text() or form == "api"
+    previous = host._host
+    try:
+        code = runner.main([str(path), "--models", str(models), "--demo", "--output", str(tmp_path), "--cpu",
+                            "--set", "SanaSampler.steps=1", "--set", "SanaEmptyLatent.preset=custom",
+                            "--set", "SanaEmptyLatent.width=32", "--set", "SanaEmptyLatent.height=32"])
+    finally:
+        host._host = previous
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    with Image.open(captured.out.strip().splitlines()[-1]) as png:
+        assert png.size == (32, 32)
+
+
+def test_sigmas_and_pag_patch_nodes_outside_comfyui(loaded, local):
+    from sana_core.samplers import schedule
+    from sana_nodes.custom_sampling import SanaPAG, SanaSamplerSelect, SanaScheduler
+    model = loaded["model"]
+    shift = defaults_for(model.model.config)["shift"]
+    sigmas, = run(SanaScheduler, model=model, sampler="flow_dpm_solver", steps=4, flow_shift=0.0, denoise=0.5)
+    assert torch.equal(sigmas, schedule("flow_dpm_solver", 4, shift, 0.5))
+    patched, = run(SanaPAG, model=model, scale=2.0, layers="")
+    latent = empty_latent()
+    assert torch.equal(sample(loaded, latent, model=patched)["result"][0]["samples"],
+                       sample(loaded, latent, pag_scale=2.0)["result"][0]["samples"])
+    with pytest.raises(ValueError, match=r"layers \[99\] out of range"):
+        run(SanaPAG, model=model, scale=2.0, layers="99")
+    with pytest.raises(RuntimeError, match="SamplerCustomAdvanced.*SanaSampler outside ComfyUI"):
+        run(SanaSamplerSelect, sampler="flow_dpm_solver", guidance=4.5)
+    with pytest.raises(ValueError, match="SanaSampler: this MODEL is not a SANA model.*SanaModelLoader"):
+        sample(loaded, latent, model=object())
+
+
+def test_runner_stands_in_for_the_core_nodes_around_sana(models, tmp_path, capsys):
+    """loaders -> CLIPTextEncode -> SanaSampler -> VAEDecodeTiled / VAEEncode -> VAEDecode -> SaveImage."""
+    prompt = {
+        "1": {"class_type": "SanaModelLoader", "inputs": {"model_name": DEMO["transformer"], "dtype": "auto"}},
+        "2": {"class_type": "SanaTextEncoderLoader",
+              "inputs": {"text_encoder_name": DEMO["text_encoder"], "dtype": "auto", "device": "gpu"}},
+        "3": {"class_type": "SanaVAELoader", "inputs": {"vae_name": DEMO["autoencoder"]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["2", 0]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 0]}},
+        "6": {"class_type": "SanaEmptyLatent", "inputs": {"preset": "custom", "width": 64, "height": 32, "batch_size": 1}},
+        "7": {"class_type": "SanaSampler", "inputs": {"model": ["1", 0], "positive": ["4", 0], "negative": ["5", 0],
+                                                      "latent_image": ["6", 0], "seed": 1, "steps": 1, "cfg": 4.5,
+                                                      "pag_scale": 0.0, "flow_shift": 0.0,
+                                                      "sampler": "flow_dpm_solver", "denoise": 1.0}},
+        "8": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["7", 0], "vae": ["3", 0], "tile_size": 64,
+                                                         "overlap": 0, "temporal_size": 64, "temporal_overlap": 8}},
+        "9": {"class_type": "VAEEncode", "inputs": {"pixels": ["8", 0], "vae": ["3", 0]}},
+        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["3", 0]}},
+        "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "core"}},
+    }
+    path = tmp_path / "core.json"
+    path.write_text(json.dumps(prompt))
+    previous = host._host
+    try:
+        code = runner.main([str(path), "--models", str(models), "--output", str(tmp_path), "--cpu"])
+    finally:
+        host._host = previous
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    with Image.open(captured.out.strip().splitlines()[-1]) as png:
+        assert png.size == (64, 32)

@@ -21,6 +21,12 @@ CORE_SPEC = {
     "PreviewImage": {"sockets": {"images": "IMAGE"}, "widgets": [], "outputs": []},
     "LoadImage": {"sockets": {}, "widgets": [("image", "COMBO", 2)], "outputs": ["IMAGE", "MASK"]},
     "MarkdownNote": {"sockets": {}, "widgets": [("text", "STRING", 1)], "outputs": []},
+    "CLIPTextEncode": {"sockets": {"clip": "CLIP"}, "widgets": [("text", "STRING", 1)], "outputs": ["CONDITIONING"]},
+    "VAEDecode": {"sockets": {"samples": "LATENT", "vae": "VAE"}, "widgets": [], "outputs": ["IMAGE"]},
+    "VAEDecodeTiled": {"sockets": {"samples": "LATENT", "vae": "VAE"},
+                       "widgets": [("tile_size", "INT", 1), ("overlap", "INT", 1), ("temporal_size", "INT", 1),
+                                   ("temporal_overlap", "INT", 1)], "outputs": ["IMAGE"]},
+    "VAEEncode": {"sockets": {"pixels": "IMAGE", "vae": "VAE"}, "widgets": [], "outputs": ["LATENT"]},
 }
 SEED_CONTROLS = ("fixed", "increment", "decrement", "randomize")
 # Model files the workflows name: the published releases (see README).
@@ -80,7 +86,7 @@ def test_there_are_four_workflows_in_both_forms():
 
 
 def test_runner_core_nodes_have_comfyui_inputs():
-    """sana-run's SaveImage/PreviewImage/LoadImage take what ComfyUI's do, so workflows move between them."""
+    """sana-run's stand-ins for core nodes take what ComfyUI's do, so workflows move between them."""
     for name, cls in CORE_NODES.items():
         specs = input_specs(cls)
         spec = CORE_SPEC[name]
@@ -88,8 +94,8 @@ def test_runner_core_nodes_have_comfyui_inputs():
         assert [(n, "COMBO" if isinstance(k, list) else k, widget_slots(n, k, o))
                 for n, (k, o) in specs.items() if is_widget(k)] == spec["widgets"]
         assert list(cls.RETURN_TYPES) == spec["outputs"]
-        assert cls.INPUT_TYPES().get("hidden", {}) == ({} if name == "LoadImage" else
-                                                       {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"})
+        assert cls.INPUT_TYPES().get("hidden", {}) == ({"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
+                                                       if name in ("SaveImage", "PreviewImage") else {})
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)

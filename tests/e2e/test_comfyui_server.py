@@ -1,6 +1,8 @@
 """End to end against a real ComfyUI server (headless, CPU) with this pack in custom_nodes/ and the
-tiny demo models: /object_info, every shipped API workflow, /interrupt mid-sampling, a corrupt
-model file, eviction between prompts. Enabled when COMFYUI_DIR points at a ComfyUI checkout
+tiny demo models: /object_info, every shipped workflow (API and UI forms) and a round-1 one, core
+nodes on the SANA MODEL / CLIP / VAE (CLIPTextEncode, KSampler, ModelSamplingSD3, SamplerCustomAdvanced
+with our SAMPLER and SIGMAS, VAEDecodeTiled, VAEEncode) and the SANA PAG patch, /interrupt
+mid-sampling, a corrupt model file, eviction between prompts. Enabled when COMFYUI_DIR points at a ComfyUI checkout
 (COMFYUI_PYTHON: the interpreter that has ComfyUI's requirements; default: this one):
 
     COMFYUI_DIR=~/.cache/comfyui COMFYUI_PYTHON=/root/.cache/comfyui-venv/bin/python python3 -m pytest tests/e2e
@@ -21,7 +23,8 @@ from comfyui_server import REPO, ComfyUIServer, comfyui_paths, history_messages 
 PATHS = comfyui_paths()
 pytestmark = pytest.mark.skipif(PATHS is None, reason="set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON to "
                                                       "its interpreter) to run the end-to-end ComfyUI tests")
-WORKFLOWS = sorted((REPO / "workflows" / "api").glob("*.json"))
+WORKFLOWS = sorted((REPO / "workflows" / "api").glob("*.json")) + sorted((REPO / "workflows").glob("*.json"))
+ROUND_1 = REPO / "tests" / "fixtures" / "round1" / "api" / "sana_1024_text_to_image.json"  # SANA_* socket types
 CORRUPT = "broken_Sana_1600M_1024px.safetensors"
 
 
@@ -44,8 +47,10 @@ def server(models):
 
 
 def small(name, *, steps=2, size=64):
-    """An API workflow with the demo models, size x size pixels and `steps` steps."""
-    prompt = runner.use_demo_models(json.loads((REPO / "workflows" / "api" / name).read_text()))
+    """An API workflow (a shipped one by name, or any file: either form) with the demo models, size x size
+    pixels and `steps` steps."""
+    prompt, _ = runner.load_workflow(name if isinstance(name, Path) else REPO / "workflows" / "api" / name)
+    prompt = runner.use_demo_models(prompt)
     for node in prompt.values():
         inputs = node["inputs"]
         if node["class_type"] == "SanaEmptyLatent":
@@ -72,7 +77,7 @@ def test_object_info_lists_the_nodes_with_their_inputs(server):
     for name, cls in NODE_CLASS_MAPPINGS.items():
         assert name in info, f"{name} missing from /object_info"
         node, ours = info[name], cls.INPUT_TYPES()
-        assert node["category"] == "SANA" and node["description"] == cls.DESCRIPTION
+        assert node["category"] == cls.CATEGORY and node["description"] == cls.DESCRIPTION
         for section in ("required", "optional"):
             assert list(node["input"].get(section, {})) == list(ours.get(section, {})), (name, section)
             for spec in node["input"].get(section, {}).values():
@@ -84,11 +89,11 @@ def test_object_info_lists_the_nodes_with_their_inputs(server):
     assert info["SanaVAELoader"]["input"]["required"]["vae_name"][0] == ["sana_demo_dcae.safetensors"]
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", WORKFLOWS + [ROUND_1], ids=lambda p: str(p.relative_to(REPO)))
 def test_each_workflow_makes_an_image(server, path):
-    prompt = small(path.name)
+    prompt = small(path)
     if "LoadImage" in {n["class_type"] for n in prompt.values()}:
-        Image.new("RGB", (70, 80), (30, 120, 200)).save(server.input_dir / "example.png")  # cropped to 64x64
+        Image.new("RGB", (64, 64), (30, 120, 200)).save(server.input_dir / "example.png")
     entry = run_ok(server, prompt)
     images = entry["outputs"][node_of(prompt, "SaveImage")]["images"]
     assert len(images) == 1
@@ -100,6 +105,65 @@ def test_each_workflow_makes_an_image(server, path):
         {i: (n["class_type"], n["inputs"]) for i, n in prompt.items()}
     stats, = entry["outputs"][node_of(prompt, "SanaSampler")]["sana_stats"]
     assert stats["steps"] == 2 and stats["seconds_per_step"] > 0 and stats["peak_gpu_memory_gib"] is None
+
+
+def core_prompt(sampling: dict, decode: dict) -> dict:
+    """Our loaders -> CLIPTextEncode (positive, empty negative) -> `sampling` nodes ("latent": the sampled
+    LATENT's link) -> `decode` node -> SaveImage."""
+    prompt = {
+        "1": {"class_type": "SanaModelLoader", "inputs": {"model_name": "sana_demo.safetensors", "dtype": "auto"}},
+        "2": {"class_type": "SanaTextEncoderLoader",
+              "inputs": {"text_encoder_name": "gemma2_demo.safetensors", "dtype": "auto", "device": "gpu"}},
+        "3": {"class_type": "SanaVAELoader", "inputs": {"vae_name": "sana_demo_dcae.safetensors"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox in the snow", "clip": ["2", 0]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 0]}},
+        "6": {"class_type": "SanaEmptyLatent", "inputs": {"preset": "custom", "width": 64, "height": 64,
+                                                          "batch_size": 1}},
+        "90": decode,
+        "99": {"class_type": "SaveImage", "inputs": {"images": ["90", 0], "filename_prefix": "core"}},
+    }
+    prompt.update(sampling)
+    return prompt
+
+
+def saved_image_size(server, entry):
+    image, = entry["outputs"]["99"]["images"]
+    with Image.open(server.output_dir / image["subfolder"] / image["filename"]) as png:
+        return png.size
+
+
+def test_core_nodes_ksampler_model_sampling_sd3_and_the_pag_patch(server):
+    sampling = {
+        "10": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}},
+        "11": {"class_type": "SanaPAG", "inputs": {"model": ["10", 0], "scale": 2.0, "layers": ""}},
+        "12": {"class_type": "KSampler", "inputs": {"model": ["11", 0], "seed": 1, "steps": 2, "cfg": 4.5,
+                                                    "sampler_name": "euler", "scheduler": "simple",
+                                                    "positive": ["4", 0], "negative": ["5", 0],
+                                                    "latent_image": ["6", 0], "denoise": 1.0}},
+    }
+    entry = run_ok(server, core_prompt(sampling, {"class_type": "VAEDecode",
+                                                  "inputs": {"samples": ["12", 0], "vae": ["3", 0]}}))
+    assert saved_image_size(server, entry) == (64, 64)
+
+
+def test_sampler_custom_advanced_with_sana_sampler_and_sigmas_then_tiled_decode(server):
+    sampling = {
+        "10": {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["4", 0], "negative": ["5", 0],
+                                                     "cfg": 4.5}},
+        "11": {"class_type": "SanaSamplerSelect", "inputs": {"sampler": "flow_dpm_solver", "guidance": 4.5}},
+        "12": {"class_type": "SanaScheduler", "inputs": {"model": ["1", 0], "sampler": "flow_dpm_solver", "steps": 2,
+                                                         "flow_shift": 0.0, "denoise": 1.0}},
+        "13": {"class_type": "RandomNoise", "inputs": {"noise_seed": 1}},
+        "14": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["13", 0], "guider": ["10", 0],
+                                                                 "sampler": ["11", 0], "sigmas": ["12", 0],
+                                                                 "latent_image": ["15", 0]}},
+        "15": {"class_type": "VAEEncode", "inputs": {"pixels": ["16", 0], "vae": ["3", 0]}},
+        "16": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["3", 0]}},
+    }
+    entry = run_ok(server, core_prompt(sampling, {"class_type": "VAEDecodeTiled", "inputs": {
+        "samples": ["14", 0], "vae": ["3", 0], "tile_size": 64, "overlap": 0, "temporal_size": 64,
+        "temporal_overlap": 8}}))
+    assert saved_image_size(server, entry) == (64, 64)
 
 
 def test_interrupt_stops_sampling_and_the_next_prompt_runs(server):
@@ -213,18 +277,20 @@ model, = N["SanaModelLoader"]().load("sana_demo.safetensors", "auto")
 te, = N["SanaTextEncoderLoader"]().load("gemma2_demo.safetensors", "auto", "gpu")
 cond, = N["SanaTextEncode"]().encode(te, "a fox", True)
 latent, = N["SanaEmptyLatent"]().generate("custom", 64, 64, 1)
+transformer = model.model.diffusion_model.transformer
 moved = []
-model.model.clear_device_caches = lambda: moved.append(1)
+transformer.clear_device_caches = lambda: moved.append(1)
 def sample():
     return N["SanaSampler"]().sample(model, cond, latent, 5, 2, 1.0, 0.0, 0.0, "flow_euler", 1.0)["result"][0]["samples"]
 first = sample()
-assert model.patcher in mm.loaded_models(), "the DiT is not tracked by ComfyUI's memory manager"
-assert model.patcher.model_size() == model.size_bytes() > 0
+assert model in mm.loaded_models(), "the DiT is not tracked by ComfyUI's memory manager"
+weights = sum(p.numel() * p.element_size() for p in transformer.parameters())
+assert weights <= model.model_size() < weights + 2**20
 mm.unload_all_models()
-assert model.patcher not in mm.loaded_models()
+assert model not in mm.loaded_models()
 assert moved, "no notice that the weights moved"
 assert torch.equal(sample(), first)
-print("OK", model.patcher.model_size())
+print("OK", model.model_size())
 """
     result = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=600, cwd=comfyui_dir)
     assert result.returncode == 0 and "OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
