@@ -278,11 +278,11 @@ class WarningsOnNode(logging.Handler):
 
     def __init__(self):
         super().__init__(logging.WARNING)
-        self.server = importlib.import_module("server").PromptServer
         self.executing = importlib.import_module("comfy_execution.utils").get_executing_context
 
     def emit(self, record):
-        executing, server = self.executing(), getattr(self.server, "instance", None)
+        prompt_server = getattr(sys.modules.get("server"), "PromptServer", None)  # a running server's, if any
+        executing, server = self.executing(), getattr(prompt_server, "instance", None)
         if executing is not None and server is not None:
             server.send_progress_text(record.getMessage(), executing.node_id)
 
