@@ -129,7 +129,8 @@ class TextEncoder:
             return self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
         P = kv.get_seq_length()
         if P + L > window:
-            raise ValueError(f"an instruction prefix needs its {P} + {L} tokens within Gemma's sliding window ({window})")
+            raise ValueError(f"an instruction prefix needs its {P} + {L} tokens within Gemma's sliding window "
+                             f"({window})")
         mask = _additive_mask(mask, P, embeds.dtype)  # every layer's (the window is wider than P + L)
         positions = torch.arange(P, P + L, device=embeds.device)[None]  # (1, L): RoPE continues after the prefix
         return self.model(inputs_embeds=embeds, attention_mask={"full_attention": mask, "sliding_attention": mask},
