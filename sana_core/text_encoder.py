@@ -175,6 +175,8 @@ class TextEncoder:
         tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
                                 add_special_tokens=True, return_tensors="pt")
         ids, mask = tokens.input_ids, tokens.attention_mask  # (B, L) on the CPU
+        start = max_length - MAX_TOKENS + 1 if chi else 1  # the caption: <bos> + tokens start.. (the last 299)
+        caption_mask = torch.cat([mask[:, :1], mask[:, start:]], 1).to(self.device)  # (B, 300)
         P, keys, values = 0, (), ()
         if chi and prefix is not None and max_length <= self.model.config.sliding_window:
             P = min(len(prefix.ids), max_length)  # the prefix holds fewer tokens than the kept 299 start at
@@ -182,19 +184,14 @@ class TextEncoder:
             keys, values = tuple(k[:, :, :P] for k in prefix.keys), tuple(v[:, :, :P] for v in prefix.values)
         table, device = self.model.embed_tokens, self.device
         embeds = table(ids[:, P:].to(table.weight.device)).to(device)  # (B, L - P, D)
-        mask = mask.to(device)  # (B, L)
-        hidden = (layers or self.layers)(embeds, mask[:, P:], keys, values)  # (B, L - P, D)
-        if chi:
-            keep = [0] + list(range(max_length - MAX_TOKENS + 1, max_length))  # <bos> + last 299
-            if P:  # <bos> came with the prefix, the last 299 are the call's own (P < max_length - 299)
-                hidden = torch.cat([prefix.bos.expand(len(ids), -1, -1), hidden[:, [k - P for k in keep[1:]]]], 1)
-            else:
-                hidden = hidden[:, keep]
-            mask = mask[:, keep]  # (B, 300, D), (B, 300)
+        hidden = (layers or self.layers)(embeds, mask[:, P:].to(device), keys, values)  # (B, L - P, D)
+        if chi:  # slices, not an index list: no host-made index tensor to copy to the device
+            bos = prefix.bos.expand(len(ids), -1, -1) if P else hidden[:, :1]  # P <= start: see instruction_prefix
+            hidden = torch.cat([bos, hidden[:, start - P:]], 1)  # (B, 300, D)
         if not torch.isfinite(hidden).all():
             raise FloatingPointError(f"Gemma-2 produced NaN/inf in {self.dtype}; Gemma-2 overflows float16: "
                                      f"load the text encoder in bfloat16 or float32")
-        return hidden, mask
+        return hidden, caption_mask
 
 
 def _additive_mask(mask: torch.Tensor, P: int, dtype) -> torch.Tensor:

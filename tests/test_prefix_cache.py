@@ -1,15 +1,20 @@
-"""The instruction's keys and values computed once per text encoder (Runtime.encode_text) give today's
+"""Host time. The instruction's keys and values computed once per text encoder (Runtime.encode_text) give today's
 encoding exactly: float32 on the CPU, any instruction, batches of different lengths, truncation and padding,
 a prompt whose first characters merge with the instruction's last tokens; recomputed when the weights
 change. Negative captions are cached too. A tiny random Gemma-2 with a SentencePiece BPE tokenizer (the
-demo's) stands in for gemma-2-2b-it."""
+demo's) stands in for gemma-2-2b-it. And where an image reads values on the host (a GPU sync)."""
+import collections
+import traceback
+
 import pytest
 import torch
 from conftest import rel_err
 from test_cuda_graphs import HostSyncs, StandIn, standin  # noqa: F401  (standin: a fixture)
 
+from sana_core import load_autoencoder, load_transformer
 from sana_core import runtime as cg
-from sana_core.demo import write_demo_text_encoder
+from sana_core.demo import write_demo_models, write_demo_text_encoder
+from sana_core.pipeline import SanaPipeline
 from sana_core.text_encoder import MAX_TOKENS, TextEncoder, instruction_text, load_text_encoder
 
 MERGING = "Describe: sle"  # tokens [..., '▁s', 'le'] + "eping cat" -> [..., '▁sleeping', '▁cat']
@@ -109,3 +114,35 @@ def test_layers_with_a_prefix_never_wait_for_the_host(te):
     with torch.inference_mode(), HostSyncs() as syncs:
         te.layers(te.model.embed_tokens(tokens.input_ids), tokens.attention_mask, prefix.keys, prefix.values)
     assert not syncs.found
+
+
+class HostReads(HostSyncs):
+    """HostSyncs by (op, the innermost sana_core function that made it)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(s in func.__name__ for s in self.SYNCING):
+            where = [f.name for f in traceback.extract_stack() if "sana_core" in f.filename]
+            self.found[(func.__name__.split(".")[0], where[-1] if where else "?")] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_an_image_reads_the_host_only_where_it_must(tmp_path):
+    """A warm 2-step CFG + PAG image: the caption, the mask and the guidance scales are made on the device and
+    the negative caption comes from the cache; what is left is listed here (on a GPU, only the NaN checks wait)."""
+    paths = write_demo_models(tmp_path)
+    pipe = SanaPipeline(load_transformer(paths["transformer"], device="cpu"),
+                        load_autoencoder(paths["autoencoder"], device="cpu"),
+                        load_text_encoder(paths["text_encoder"], device="cpu"))
+    kw = dict(width=64, height=64, steps=2, cfg=4.5, pag_scale=1.0, pag_layers=(1,))
+    pipe("a fox", **kw)
+    with HostReads() as reads:
+        pipe("a fox", **kw)
+    assert reads.found == collections.Counter({
+        ("_local_scalar_dense", "encode"): 2,  # the shared token prefix (CPU ids) and the caption's NaN check
+        ("lift_fresh", "encode"): 2,  # the tokenizer's CPU tensors (warning count, then the ids)
+        ("lift_fresh", "flow_dpm_solver_sigmas"): 2,  # the schedule: CPU tensors from numpy
+        ("_local_scalar_dense", "_flow_dpm_solver"): 2,  # sigma == 0 on the CPU schedule
+        ("_local_scalar_dense", "finish"): 2,  # FiniteCheck: each step's flag read one step late
+        ("is_nonzero", "_unscale"): 1,  # the decoder's NaN check (the GPU is idle after the last step's)
+        ("_local_scalar_dense", "__call__"): 1,  # the pixels' NaN flag, read once the images are on the host
+    })
