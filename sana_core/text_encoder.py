@@ -179,8 +179,8 @@ class TextEncoder:
         caption_mask = torch.cat([mask[:, :1], mask[:, start:]], 1).to(self.device)  # (B, 300)
         P, keys, values = 0, (), ()
         if chi and prefix is not None and max_length <= self.model.config.sliding_window:
-            P = min(len(prefix.ids), max_length)  # the prefix holds fewer tokens than the kept 299 start at
-            P = int((ids[:, :P] == prefix.ids[:P]).all(0).cumprod(0).sum())  # shared by every text
+            shared = (ids[:, :len(prefix.ids)] == prefix.ids).all(0)  # (len(prefix.ids) <= start,) for the batch
+            P = int(shared.cumprod(0).sum())  # the longest token prefix every text shares with the instruction
             keys, values = tuple(k[:, :, :P] for k in prefix.keys), tuple(v[:, :, :P] for v in prefix.values)
         table, device = self.model.embed_tokens, self.device
         embeds = table(ids[:, P:].to(table.weight.device)).to(device)  # (B, L - P, D)
