@@ -69,6 +69,8 @@ def test_tokens_merging_across_the_boundary_shorten_the_prefix(te, monkeypatch):
 
 
 def test_prefix_recomputed_when_the_weights_change(te, monkeypatch):
+    """One prefix per instruction, made again when the weights are other tensors (moved, cast, swapped) and
+    after Runtime.release()."""
     runtime, made = cg.Runtime(cuda_graphs=False), []
     prefix = TextEncoder.instruction_prefix
     monkeypatch.setattr(TextEncoder, "instruction_prefix", lambda self, chi: made.append(chi) or prefix(self, chi))
@@ -89,12 +91,14 @@ def test_prefix_recomputed_when_the_weights_change(te, monkeypatch):
 
 
 def test_negative_caption_cached(te, monkeypatch):
+    """A prompt without instruction (the negative) is encoded once; each caller gets its own copy."""
     runtime, seen = cg.Runtime(cuda_graphs=False), own_tokens(monkeypatch)
     ref = te.encode("", instruction=False)
     first = runtime.encode_text(te, "", instruction=False)
     first[0].zero_()  # the caller's copy: the cache keeps its own
     second = runtime.encode_text(te, "", instruction=False)
-    assert_same(second, ref) and len(seen) == 2  # ref's and the first call's
+    assert_same(second, ref)
+    assert len(seen) == 2  # ref's and the first call's: the second came from the cache
     assert_same(runtime.encode_text(te, "blurry", instruction=False), te.encode("blurry", instruction=False))
 
 
