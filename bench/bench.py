@@ -525,6 +525,12 @@ def row_gemma():
     r["diffusers_ms"] = time_ms(theirs)
     r["ours_peak_gib"] = peak_gib(ours) + pool_gib()
     r["diffusers_peak_gib"] = peak_gib(theirs)
+    # gemma-cached: the instruction's keys/values reused (ours_ms above) against computed in every call
+    uncached = lambda prompts: RUNTIME.encode_text(te, prompts, cache=False)  # noqa: E731
+    r["cached_vs_uncached_rel_err"] = rel_err(a, uncached(prompts)[0])  # bf16: within rounding
+    r["ours_uncached_ms"] = time_ms(lambda: uncached(prompts))
+    r["one_prompt_cached_ms"] = time_ms(lambda: RUNTIME.encode_text(te, PROMPT))
+    r["one_prompt_uncached_ms"] = time_ms(lambda: uncached(PROMPT))
     del te, pipe
     free_all()
     return r
@@ -925,6 +931,13 @@ def table(rows: dict) -> str:
         lines += ["", "| end to end (ours) | encode ms | sample ms | decode ms | host/other ms |", "|---|---|---|---|---|"]
         lines += [f"| {label} | {fmt(p.get('encode'))} | {fmt(p.get('sample'))} | {fmt(p.get('decode'))} | "
                   f"{fmt(p.get('other'))} |" for label, p in phases]
+    gemma = [(name, r) for name, r in rows.items() if "one_prompt_cached_ms" in r]
+    if gemma:  # the instruction prefix's keys/values cached (ours) or computed in every call
+        lines += ["", "| gemma-cached | 1 prompt cached ms | 1 prompt uncached ms | 2 prompts uncached ms | "
+                  "cached vs uncached rel err |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {fmt(r['one_prompt_cached_ms'])} | {fmt(r.get('one_prompt_uncached_ms'))} | "
+                  f"{fmt(r.get('ours_uncached_ms'))} | {fmt(r.get('cached_vs_uncached_rel_err'), 5)} |"
+                  for name, r in gemma]
     return "\n".join(lines)
 
 

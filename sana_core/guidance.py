@@ -56,9 +56,10 @@ def sample_latents(transformer, noise, cond, cond_mask, uncond=None, uncond_mask
     perturbed = None
     if use_pag:
         perturbed = torch.zeros(n * batch, dtype=torch.bool, device=device)
-        perturbed[-batch:] = True  # the last group: cond with identity self-attention
+        perturbed[-batch:].fill_(True)  # the last group: cond with identity self-attention (no host copy)
     layers = tuple(pag_layers) if use_pag else ()
-    scales = torch.tensor([cfg, pag_scale], dtype=torch.float32, device=device)  # tensors: a graph serves any value
+    scales = torch.full((2,), float(cfg), device=device)  # tensors: a graph serves any value; filled on the
+    scales[1].fill_(float(pag_scale))                        # device (torch.tensor would copy from the host)
 
     def velocity(x, t, caption, guidance, perturbed, scales, control):  # x (B, 32, h, w) float32, t (B,) flow time
         out = transformer(torch.cat([x] * n).to(dtype), (t * samplers.NUM_TRAIN_TIMESTEPS).repeat(n), caption,

@@ -125,11 +125,13 @@ class SanaPipeline:
             return latent
         with torch.no_grad():
             pixels = self.runtime.decode(self.autoencoder, latent)  # float32 latent: it unscales before casting
-        if not torch.isfinite(pixels).all():
+        finite = torch.isfinite(pixels).all()  # read once the images are on the host: no wait of its own
+        images = (pixels.float() / 2 + 0.5).clamp_(0, 1)  # (B, 3, H, W) in [0, 1], on the device
+        images = images.cpu() if output == "tensor" else to_pil(images)
+        if not finite:
             raise FloatingPointError("the autoencoder produced NaN or infinite pixels; it probably overflowed in "
                                      "float16: load it in bfloat16 or float32")
-        images = (pixels.float() / 2 + 0.5).clamp_(0, 1)  # (B, 3, H, W) in [0, 1], on the device
-        return images.cpu() if output == "tensor" else to_pil(images)
+        return images
 
     def resolve_settings(self, *, width=None, height=None, aspect_ratio=None, steps=None, cfg=None, pag_scale=None,
                          flow_shift=None, sampler=None, pag_layers=None, image=None) -> dict:

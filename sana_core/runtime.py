@@ -8,7 +8,8 @@ SanaPipeline and the nodes' hosts each hold a Runtime and pass it where it acts:
 
     runtime = Runtime()                                    # cuda_graphs=None: SANA_CUDA_GRAPHS decides
     latent = sample_latents(dit, ..., runtime=runtime)     # each step (the whole guided call) one graph
-    emb, mask = runtime.encode_text(text_encoder, prompts) # Gemma's layers: one graph per length and batch
+    emb, mask = runtime.encode_text(text_encoder, prompts) # Gemma's layers: one graph per length and batch;
+                                                           # the instruction's keys/values computed once
     pixels = runtime.decode(autoencoder, latent)           # untiled / tiled by free memory; small: a graph
     step = runtime.graphed(fn, constants, module=m, key=..., tokens=n)  # any other pure call
     runtime.release()                                      # drop every graph and give its memory back
@@ -48,6 +49,7 @@ from collections import OrderedDict
 import torch
 
 from . import resolution
+from .text_encoder import instruction_text
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ DECODE_MAX_PIXELS = 1024  # latent pixels (batch x h x w: 1024 px images) up to 
 MIN_FREE_BYTES = 2 << 30  # free device memory under which every cached graph is dropped before a capture
 DECODE_BYTES_PER_PIXEL = 26 * 2**30 / 4096**2  # untiled bf16 DC-AE decode: 26 GiB at 4096 px (measured)
 DECODE_TILES = (2048, 1536, 1024, 768, 512, 384, 256)  # tile sides (pixels) a decode short of memory tries
+MAX_TEXT_ENTRIES = 8  # cached instruction prefixes (~20 MB each for Gemma-2-2B in bf16) and negative captions
 ENV = "SANA_CUDA_GRAPHS"  # "0" / "false" / "off": never capture
 
 
@@ -305,6 +308,30 @@ class GraphedStep:
         return ""
 
 
+class TextCache:
+    """What text encoding computes once per text encoder and reuses: values keyed by (the model, its
+    fingerprint: weights, dtype and device, the caller's key), at most MAX_TEXT_ENTRIES (LRU dropped first)."""
+
+    def __init__(self):
+        self.entries = OrderedDict()  # (id(model), key) -> (weakref to model, fingerprint, value)
+
+    def get(self, model, key, make):
+        """The value kept for `key` with `model`'s current weights, else make() (kept)."""
+        fp, key = fingerprint(model), (id(model), key)
+        ref, kept_fp, value = self.entries.get(key, (None, None, None))
+        if ref is not None and ref() is model and kept_fp == fp:
+            self.entries.move_to_end(key)
+            return value
+        value = make()
+        self.entries[key] = (weakref.ref(model), fp, value)
+        while len(self.entries) > MAX_TEXT_ENTRIES:
+            self.entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
 class Runtime:
     """CUDA graphs and memory decisions for SANA's models (see the module docstring). One per pipeline
     or host; it holds no model, only graphs keyed by the modules they were captured from.
@@ -316,6 +343,7 @@ class Runtime:
         self.cuda_graphs = cuda_graphs
         self.cache = GraphCache(max_graphs)
         self.broken = ""  # why capturing stopped (a capture that raised half way), or ""
+        self.text_cache = TextCache()
 
     def graphs_enabled(self) -> bool:
         return enabled_by_env() if self.cuda_graphs is None else self.cuda_graphs
@@ -329,6 +357,7 @@ class Runtime:
         are unloaded)."""
         had = len(self.cache)
         self.cache.clear()
+        self.text_cache.clear()
         if had and torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
 
@@ -342,13 +371,27 @@ class Runtime:
 
     # -- the models' calls ----------------------------------------------------------------------------
 
-    def encode_text(self, text_encoder, prompts, **kwargs):
-        """text_encoder.encode(prompts, **kwargs) with Gemma's layers replayed from a graph (one per
-        prompt length and batch)."""
-        def layers(embeds, mask):
-            return self.graphed(text_encoder.layers, (), module=text_encoder.on_device, key=("gemma",),
+    def encode_text(self, text_encoder, prompts, *, instruction=True, lowercase=False, cache: bool = True):
+        """text_encoder.encode(prompts, ...) with Gemma's layers replayed from a graph (one per call length and
+        batch). cache: reuse what this runtime computed before with these weights (the instruction's keys and
+        values, TextEncoder.instruction_prefix; the embeddings of prompts without instruction, i.e. negative
+        prompts); the result is the same as without."""
+        te = text_encoder
+
+        def layers(embeds, mask, keys, values):
+            return self.graphed(te.layers, (keys, values), module=te.on_device, key=("gemma",),
                                 tokens=mask.numel(), max_tokens=GEMMA_MAX_TOKENS)(embeds, mask)
-        return text_encoder.encode(prompts, layers=layers, **kwargs)
+
+        def encode(prefix=None):
+            return te.encode(prompts, instruction=instruction, lowercase=lowercase, layers=layers, prefix=prefix)
+        chi = instruction_text(instruction)
+        if not cache:
+            return encode()
+        if chi:
+            return encode(self.text_cache.get(te.model, ("prefix", chi), lambda: te.instruction_prefix(chi)))
+        texts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
+        emb, mask = self.text_cache.get(te.model, ("negative", texts, lowercase), encode)
+        return emb.clone(), mask.clone()
 
     def decode(self, autoencoder, latent: torch.Tensor, *, between=None) -> torch.Tensor:
         """Scaled latent (B, 32, h, w) -> images (B, 3, 32h, 32w) in [-1, 1], as free device memory allows:

@@ -17,10 +17,12 @@ and/or tokenizer.model; a diffusers pipeline folder's text_encoder/ + tokenizer/
 or a ComfyUI-style single .safetensors: `Gemma2ForCausalLM` tensor names without `lm_head`
 plus the SentencePiece model as a uint8 tensor `spiece_model`.
 """
+import inspect
 import json
 import logging
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -88,6 +90,8 @@ class TextEncoder:
         self.tokenizer = tokenizer  # Gemma tokenizer: <bos> added, right padding
         self.hidden_size = model.config.hidden_size
         self.on_device = torch.nn.ModuleList(m for name, m in model.named_children() if name != "embed_tokens")
+        # transformers 5.24 renamed Gemma's `past_key_values` argument `cache`
+        self._cache_arg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
     @property
     def device(self) -> torch.device:
@@ -108,22 +112,43 @@ class TextEncoder:
         """Move the weights to the CPU (frees ~4 GB of GPU memory for sampling)."""
         return self.to("cpu")
 
-    def layers(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def layers(self, embeds: torch.Tensor, mask: torch.Tensor, keys=(), values=()) -> torch.Tensor:
         """Gemma's layers and final norm: (B, L, D) embeddings, (B, L) mask -> last hidden state.
 
-        The additive (B, 1, L, L) mask transformers would build (causal, padded keys at the dtype's minimum)
+        keys/values: per layer, the (1, kv heads, P, head dim) keys (after RoPE) and values of P tokens before
+        these (an InstructionPrefix's): the L tokens sit at positions P..P+L-1 and attend to them all.
+        The additive (B, 1, L, P + L) mask transformers would build (causal, padded keys at the dtype's minimum)
         is built here, on the device: transformers' own copies a scalar from the host, which a CUDA graph
-        cannot capture. Beyond the sliding window (4096 tokens) transformers builds it."""
-        L = mask.shape[1]
-        if L <= self.model.config.sliding_window:
-            causal = torch.ones(L, L, dtype=torch.bool, device=mask.device).tril_()  # (L, L)
-            allowed = causal & mask.bool()[:, None, None, :]  # (B, 1, L, L)
-            mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=mask.device)
-            mask.masked_fill_(~allowed, torch.finfo(embeds.dtype).min)
-        return self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        cannot capture. Beyond the sliding window (4096 tokens) transformers builds it (no prefix there)."""
+        return self._layers(embeds, mask, _PrefixKV(keys, values) if keys else None)
+
+    def _layers(self, embeds, mask, kv=None):
+        L, window = mask.shape[1], self.model.config.sliding_window
+        if kv is None:  # no prefix
+            mask = _additive_mask(mask, 0, embeds.dtype) if L <= window else mask
+            return self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        P = kv.get_seq_length()
+        if P + L > window:
+            raise ValueError(f"an instruction prefix needs its {P} + {L} tokens within Gemma's sliding window "
+                             f"({window})")
+        mask = _additive_mask(mask, P, embeds.dtype)  # every layer's (the window is wider than P + L)
+        positions = torch.arange(P, P + L, device=embeds.device)[None]  # (1, L): RoPE continues after the prefix
+        return self.model(inputs_embeds=embeds, attention_mask={"full_attention": mask, "sliding_attention": mask},
+                          position_ids=positions, use_cache=False, **{self._cache_arg: kv}).last_hidden_state
 
     @torch.no_grad()
-    def encode(self, prompts, *, instruction=True, lowercase=False, layers=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def instruction_prefix(self, chi: str) -> "InstructionPrefix":
+        """Gemma's keys and values for the tokens of the instruction `chi` (all but its last one, so that the
+        caption's 299 kept positions always come from the prompt's own call) and its <bos> output."""
+        ids = torch.tensor(self.tokenizer.encode(chi)[:-1])  # (P,): <bos> + instruction
+        embeds = self.model.embed_tokens(ids[None].to(self.model.embed_tokens.weight.device)).to(self.device)
+        record = _PrefixKV()  # keeps what each layer computes
+        hidden = self._layers(embeds, torch.ones(ids[None].shape, dtype=torch.long, device=self.device), record)
+        return InstructionPrefix(ids, tuple(record.keys), tuple(record.values), hidden[:, :1])
+
+    @torch.no_grad()
+    def encode(self, prompts, *, instruction=True, lowercase=False, layers=None,
+               prefix=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions of `prompts` (a string or a list): (embeddings (B, 300, D), mask (B, 300): 1 real, 0 pad).
 
         `instruction`: True for the default CHI (`DEFAULT_INSTRUCTION`), False for none (negative
@@ -132,15 +157,23 @@ class TextEncoder:
         `layers`: what runs self.layers (a Runtime passes a CUDA-graphed one); None: self.layers.
         An empty prompt is encoded as SANA encodes negatives, whatever `instruction` says: "" alone,
         padded to 300 tokens (diffusers' negative_prompt="").
+        `prefix`: this instruction's InstructionPrefix (a Runtime caches it): Gemma then runs only the tokens
+        after the longest token prefix every text shares with it (tokens can merge across the boundary
+        between instruction and prompt); the result is the same.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         prompts = [p.lower().strip() if lowercase else p.strip() for p in prompts]
         chi = instruction_text(instruction)
         if chi and "" in prompts:
-            if all(p == "" for p in prompts):
-                return self.encode(prompts, instruction=False)
-            parts = [self.encode([p], instruction=instruction if p else False) for p in prompts]
-            return torch.cat([e for e, _ in parts]), torch.cat([m for _, m in parts])
+            empty = [i for i, p in enumerate(prompts) if not p]
+            if len(empty) == len(prompts):
+                return self.encode(prompts, instruction=False, layers=layers)
+            texts = [p for p in prompts if p]  # one call for the prompts, one for the empty ones (no instruction)
+            emb, mask = self.encode(texts, instruction=instruction, layers=layers, prefix=prefix)
+            none_emb, none_mask = self.encode([""] * len(empty), instruction=False, layers=layers)
+            order = [i for i, p in enumerate(prompts) if p] + empty  # rows of cat(...) -> their prompt's place
+            where = torch.tensor(order).argsort().to(emb.device)
+            return torch.cat([emb, none_emb])[where], torch.cat([mask, none_mask])[where]
         if chi:
             texts = [chi + p for p in prompts]
             max_length = len(self.tokenizer.encode(chi)) + MAX_TOKENS - 2  # leaves 298 tokens for the prompt
@@ -153,17 +186,63 @@ class TextEncoder:
         self.tokenizer.padding_side = "right"
         tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
                                 add_special_tokens=True, return_tensors="pt")
+        ids, mask = tokens.input_ids, tokens.attention_mask  # (B, L) on the CPU
+        start = max_length - MAX_TOKENS + 1 if chi else 1  # the caption: <bos> + tokens start.. (the last 299)
+        caption_mask = torch.cat([mask[:, :1], mask[:, start:]], 1).to(self.device)  # (B, 300)
+        P, keys, values = 0, (), ()
+        if chi and prefix is not None and max_length <= self.model.config.sliding_window:
+            shared = (ids[:, :len(prefix.ids)] == prefix.ids).all(0)  # (len(prefix.ids) <= start,) for the batch
+            P = int(shared.cumprod(0).sum())  # the longest token prefix every text shares with the instruction
+            keys, values = tuple(k[:, :, :P] for k in prefix.keys), tuple(v[:, :, :P] for v in prefix.values)
         table, device = self.model.embed_tokens, self.device
-        embeds = table(tokens.input_ids.to(table.weight.device)).to(device)  # (B, L, D)
-        mask = tokens.attention_mask.to(device)  # (B, L)
-        hidden = (layers or self.layers)(embeds, mask)  # (B, L, D)
-        if chi:
-            keep = [0] + list(range(max_length - MAX_TOKENS + 1, max_length))  # <bos> + last 299
-            hidden, mask = hidden[:, keep], mask[:, keep]  # (B, 300, D), (B, 300)
+        embeds = table(ids[:, P:].to(table.weight.device)).to(device)  # (B, L - P, D)
+        hidden = (layers or self.layers)(embeds, mask[:, P:].to(device), keys, values)  # (B, L - P, D)
+        if chi:  # slices, not an index list: no host-made index tensor to copy to the device
+            bos = prefix.bos.expand(len(ids), -1, -1) if P else hidden[:, :1]  # P <= start: see instruction_prefix
+            hidden = torch.cat([bos, hidden[:, start - P:]], 1)  # (B, 300, D)
         if not torch.isfinite(hidden).all():
             raise FloatingPointError(f"Gemma-2 produced NaN/inf in {self.dtype}; Gemma-2 overflows float16: "
                                      f"load the text encoder in bfloat16 or float32")
-        return hidden, mask
+        return hidden, caption_mask
+
+
+def _additive_mask(mask: torch.Tensor, P: int, dtype) -> torch.Tensor:
+    """(B, L) key mask (1 real, 0 pad) of L tokens after P unpadded ones -> the additive (B, 1, L, P + L) mask
+    transformers would build: causal, padded keys at the dtype's minimum; made on the device."""
+    L = mask.shape[1]
+    causal = torch.ones(L, P + L, dtype=torch.bool, device=mask.device).tril_(P)  # (L, P + L)
+    keys = torch.nn.functional.pad(mask.bool(), (P, 0), value=True)  # (B, P + L)
+    allowed = causal & keys[:, None, None, :]  # (B, 1, L, P + L)
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+class InstructionPrefix(NamedTuple):
+    """What Gemma computes for an instruction's first tokens, reused by every prompt after it (Gemma is causal).
+    A Runtime caches it per text encoder (Runtime.encode_text); TextEncoder.instruction_prefix makes it."""
+    ids: torch.Tensor  # (P,) token ids on the CPU: <bos> + the instruction's tokens but its last
+    keys: tuple  # per layer (1, kv heads, P, head dim), after RoPE, on the layers' device
+    values: tuple  # per layer (1, kv heads, P, head dim)
+    bos: torch.Tensor  # (1, 1, D): the last hidden state at <bos>, the caption's first token
+
+
+class _PrefixKV:
+    """What transformers' attention layers call as their cache (`update`): each layer's keys and values of the
+    P tokens before this call, in front of its own. Given none, it records what each layer computes."""
+
+    def __init__(self, keys=(), values=()):
+        self.keys, self.values, self.record = list(keys), list(values), not keys
+
+    def get_seq_length(self, *args) -> int:  # P (transformers before 5 asks for it)
+        return 0 if self.record else self.keys[0].shape[2]
+
+    def update(self, key, value, layer_idx, *args, **kwargs):  # key, value: (B, kv heads, L, head dim)
+        if self.record:
+            self.keys.append(key)
+            self.values.append(value)
+            return key, value
+        B = key.shape[0]
+        return (torch.cat([self.keys[layer_idx].expand(B, -1, -1, -1), key], 2),
+                torch.cat([self.values[layer_idx].expand(B, -1, -1, -1), value], 2))
 
 
 def instruction_text(instruction) -> str:
