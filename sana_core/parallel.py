@@ -42,6 +42,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from .kernels import depthwise_conv_glu
+from .runtime import decode_tile
 from .transformer import Caption
 
 log = logging.getLogger(__name__)
@@ -303,10 +304,10 @@ def decode(autoencoder, latent, comm: Comm) -> torch.Tensor:
         r0, r1 = bands[comm.rank]
         a0, a1 = max(r0 - halo, 0), min(r1 + halo, H)
         tile = None
-        if x.device.type == "cuda":  # the biggest tile that fits, as decode_auto
+        if x.device.type == "cuda":  # the biggest tile that fits, as Runtime.decode chooses it
             per_latent = autoencoder.spatial_compression // f
             free, _ = torch.cuda.mem_get_info(x.device)
-            tile = autoencoder.auto_tile(B, -(-(a1 - a0) // per_latent), -(-W // per_latent), free)
+            tile = decode_tile(autoencoder, B, -(-(a1 - a0) // per_latent), -(-W // per_latent), free)
         y = dec.local_stages(x[:, :, a0:a1]) if tile is None else autoencoder._local_tiled(x[:, :, a0:a1], tile)
         y = y[:, :, (r0 - a0) * f:(r1 - a0) * f]  # (B, 3, rows * f, W * f)
     rows = -(-H // len(bands)) * f

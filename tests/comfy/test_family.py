@@ -205,7 +205,7 @@ def test_the_caption_side_is_computed_once_per_run_and_batch(nodes, loaded, monk
     transformer = loaded["model"].model.diffusion_model.transformer
     calls = []
     encode = transformer.encode_caption
-    monkeypatch.setattr(transformer, "encode_caption", lambda *a: calls.append(1) or encode(*a))
+    monkeypatch.setattr(transformer, "encode_caption", lambda *a, **k: calls.append(1) or encode(*a, **k))
     latent = empty(nodes)
     sampler, = call(nodes["SanaSamplerSelect"], "flow_dpm_solver", 4.5)
     guider, = CFGGuider().get_guider(loaded["model"], loaded["positive"], loaded["negative"], 4.5)
