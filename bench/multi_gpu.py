@@ -47,6 +47,7 @@ def build(tiny: bool, px: int, device, folder):
                 load_text_encoder(paths["text_encoder"], **kw))
     import bench as B  # the full-size random builders of the main benchmark, on this process's GPU
     B.DEV = device
+    torch.manual_seed(0)  # Gemma's random init draws from the global generators: the same weights in every process
     variant = {2048: "sana-1.6b-2k", 4096: "sana-1.6b-4k"}.get(px, "sana-1.6b")
     return B.our_dit(variant), B.our_dcae(), B.our_text_encoder()
 
