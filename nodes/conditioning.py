@@ -24,6 +24,9 @@ def encode_text(text_encoder: host.ManagedModel, text: str, instruction: bool):
     encoder = text_encoder.ready()
     try:
         emb, mask = host.current().runtime.encode_text(encoder, [text], instruction=bool(instruction))
+    except FloatingPointError:  # Gemma-2 overflowed (float16): the library's message names its Python argument
+        raise FloatingPointError(f"the text encoder produced NaN/inf values in {encoder.dtype}: Gemma-2 overflows "
+                                 f"float16. Set dtype to bf16 (or fp32) on SANA Text Encoder Loader") from None
     finally:
         if text_encoder.offload_after_use:
             text_encoder.release()

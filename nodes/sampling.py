@@ -180,6 +180,10 @@ class SanaSampler:
         pag_layers = defaults["pag_layers"]
         if pag_scale == 0.0 and pag_patch is not None:
             pag_scale, pag_layers = pag_patch["scale"], pag_patch["layers"]
+        if config.sprint and pag_scale != 0.0:
+            raise ValueError(f"SanaSampler: {config.variant} is a Sana-Sprint model, whose guidance is embedded: "
+                             f"perturbed-attention guidance does not apply. Set pag_scale to 0 (and take out any "
+                             f"SANA Perturbed-Attention Guidance node before this sampler)")
         if denoise <= 0.0:
             return {"ui": {"sana_stats": []}, "result": (dict(latent_image),)}
         preview = None

@@ -240,6 +240,16 @@ def test_sprint_needs_no_negative(local, loaded):
     assert out["result"][0]["samples"].shape == (1, 32, 2, 2)
     with pytest.raises(ValueError, match="Sana-Sprint.*'scm'"):
         sample(loaded, empty_latent(), model=sprint, negative=None, sampler="flow_dpm_solver", steps=20)
+    with pytest.raises(ValueError, match="Sana-Sprint model.*Set pag_scale to 0"):
+        sample(loaded, empty_latent(), model=sprint, negative=None, sampler="scm", steps=2, pag_scale=2.0)
+
+
+def test_a_text_encoder_that_overflows_says_which_input_to_change(loaded, local, monkeypatch):
+    def overflow(*args, **kwargs):
+        raise FloatingPointError("Gemma-2 produced NaN/inf in torch.float16; load the text encoder in bfloat16")
+    monkeypatch.setattr(local.runtime, "encode_text", overflow)
+    with pytest.raises(FloatingPointError, match="Set dtype to bf16 \\(or fp32\\) on SANA Text Encoder Loader"):
+        run(SanaTextEncode, text_encoder=loaded["encoder"], text="a fox", instruction=True)
 
 
 class Cancelled(Exception):
