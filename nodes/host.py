@@ -218,6 +218,10 @@ class LocalHost:
         dtype = default_dtype(device)  # bf16 on a GPU that has it, fp32 on the CPU
         return torch.float32 if dtype == torch.float16 and kind == "text_encoder" else dtype
 
+    def operations(self):
+        """The DiT's layer classes: torch.nn's."""
+        return None
+
     def manage(self, kind, model, path, load_device, offload_device) -> ManagedModel:
         return ManagedModel(self, kind, model, path, load_device=load_device, offload_device=offload_device)
 
@@ -382,14 +386,19 @@ class ComfyHost:
             return managed.patcher
         return (self.family.clip if managed.kind == "text_encoder" else self.family.SanaVAE)(managed)
 
+    def operations(self):
+        """The DiT's layer classes: ComfyUI's, which cast the weights that low-VRAM loading leaves on the CPU
+        and apply weight patches on the fly (sana_core.operations)."""
+        return importlib.import_module("comfy.ops").disable_weight_init
+
     def load(self, models, memory_required: int = 0) -> None:
-        # force_full_load: our modules have no comfy.ops weight casting, so a partial (lowvram)
-        # load would leave layers on the CPU; ComfyUI evicts other models to make room instead.
+        # The DiT (built from comfy.ops) may be loaded partially (low VRAM); the text encoder and the DC-AE have
+        # no such layers, so they load whole: ComfyUI evicts other models to make room instead.
         # The cached CUDA graphs' pool is reserved memory that ComfyUI counts as free (reserved minus
         # active) but only graph replays can use: ask for that much more.
         held = self.runtime.held_bytes(models[0].load_device) if models else 0
         self.mm.load_models_gpu([m.patcher for m in models], memory_required=memory_required + held,
-                                force_full_load=True)
+                                force_full_load=any(m.kind != "transformer" for m in models))
 
     def unload(self, m: ManagedModel) -> None:
         for i, loaded in enumerate(self.mm.current_loaded_models):

@@ -20,6 +20,8 @@ def _load(kind: str, name: str, dtype: str, placement: str = "gpu", **hints) -> 
     load_device, offload_device = h.devices(kind, placement)
     loader = {"transformer": sana_core.load_transformer, "text_encoder": sana_core.load_text_encoder,
               "autoencoder": sana_core.load_autoencoder}[kind]
+    if kind == "transformer":  # built from the host's layer classes: ComfyUI's casts and low-VRAM loading
+        hints["operations"] = h.operations()
     try:
         model = loader(path, dtype=h.dtype(kind, dtype, load_device), device=offload_device, **hints)
     except (CheckpointError, OSError, ValueError, KeyError, RuntimeError) as e:

@@ -195,7 +195,7 @@ class SanaSampler:
         forwards = 1 + (cfg != 1.0 and not config.sprint) + (pag_scale != 0.0)
         element = next(model.model.parameters()).element_size()
         dit = model.ready(dit_memory_required(config, forwards * batch, lh * lw, element))
-        device = next(dit.parameters()).device
+        device = model.load_device  # a low-VRAM load leaves some weights on the CPU: sample where the rest are
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         progress = h.progress(steps, "SanaSampler")
@@ -220,7 +220,7 @@ class SanaSampler:
                 result = sample_latents(dit, noise, cond, cond_mask, uncond, uncond_mask, sampler=sampler,
                                         steps=steps, cfg=cfg, pag_scale=pag_scale, pag_layers=pag_layers, shift=shift,
                                         denoise=denoise, latent=samples if denoise < 1.0 else None, seed=seed,
-                                        callback=callback, runtime=h.runtime) / SCALING_FACTOR
+                                        callback=callback, runtime=h.runtime, device=device) / SCALING_FACTOR
         finally:
             noise = None
             h.free_cache()

@@ -664,7 +664,7 @@ def detect_config(tensors, settings: dict) -> SanaConfig:
     )
 
 
-def load_transformer(path, *, dtype=None, device=None, **hints) -> SanaTransformer:
+def load_transformer(path, *, dtype=None, device=None, operations=None, **hints) -> SanaTransformer:
     """Load a SANA DiT from an original NVlabs .pth/.safetensors (ComfyUI prefixes too), a
     diffusers folder (or pipeline folder) or a diffusers-keyed .safetensors; the format is
     told by the key names. The structure comes from the tensors. Hints, for what they cannot
@@ -673,7 +673,8 @@ def load_transformer(path, *, dtype=None, device=None, **hints) -> SanaTransform
     `cross_heads`, `self_heads` (needed only for non-published widths), `timestep_scale`,
     `guidance_embeds_scale` (else read from config.json / metadata; defaults 1.0 and 0.1).
     A diffusers config.json decides the position embedding (none without `interpolation_scale`);
-    only an original-format file's own name or its stale pos_embed may hint 2K/4K, never a folder."""
+    only an original-format file's own name or its stale pos_embed may hint 2K/4K, never a folder.
+    `operations`: the Linear / Conv2d classes to build with (ComfyUI's comfy.ops; None: torch.nn)."""
     path = Path(path)
     if path.is_dir() and (path / "transformer").is_dir() and not any(path.glob("*.safetensors")):
         path = path / "transformer"  # a diffusers pipeline folder
@@ -702,7 +703,7 @@ def load_transformer(path, *, dtype=None, device=None, **hints) -> SanaTransform
              config.pe_interpolation, config.base_size)
 
     with torch.device("meta"):
-        model = SanaTransformer(config, dtype=dtype)
+        model = SanaTransformer(config, dtype=dtype, operations=operations)
     try:
         return load_quantized_weights(model, tensors, metadata, device=device, dtype=dtype)  # else load_weights
     except CheckpointError as e:

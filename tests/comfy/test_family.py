@@ -5,6 +5,7 @@ import torch
 
 import comfy.model_base
 import comfy.model_patcher
+import comfy.ops
 import comfy.samplers
 import comfy.sd
 import nodes as core
@@ -68,6 +69,9 @@ def test_loaders_return_core_model_clip_and_vae(loaded):
     assert isinstance(clip, comfy.sd.CLIP) and isinstance(vae, comfy.sd.VAE)
     assert vae.spacial_compression_decode() == vae.spacial_compression_encode() == 32 and vae.latent_channels == 32
     assert model.model_size() > 0 and vae.patcher.model_size() > 0
+    dit = model.model.diffusion_model.transformer  # built from ComfyUI's layers: they cast for low-VRAM loads
+    assert isinstance(dit.blocks[0].attn.qkv, comfy.ops.disable_weight_init.Linear)
+    assert isinstance(dit.blocks[0].mlp.inverted_conv.conv, comfy.ops.disable_weight_init.Conv2d)
 
 
 def test_latent_format_scales_and_previews_with_the_dcae_projection(loaded):
