@@ -3,7 +3,6 @@ drive which models."""
 from . import resolution, samplers
 
 SAMPLER_STEPS = {"flow_dpm_solver": 20, "flow_euler": 28, "scm": 2}  # default steps per sampler
-PAG_SCALE = 2.0  # the official scale when PAG is on (off by default: it costs a third more DiT work)
 
 
 def pairing_error(config, sampler: str, steps: int) -> str | None:

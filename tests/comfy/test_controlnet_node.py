@@ -6,33 +6,11 @@ get_control returns, prepared, is what the model's forward takes. Runs under Com
     PYTHONPATH=$COMFYUI_DIR:. $COMFYUI_PYTHON -m pytest tests/comfy/test_controlnet_node.py
 """
 import dataclasses
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-cli_args = pytest.importorskip("comfy.cli_args", reason="runs under ComfyUI's python (PYTHONPATH=$COMFYUI_DIR)")
-cli_args.args.cpu = True  # before comfy.model_management initialises
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(name, path, package=False):
-    """Import a file under a chosen name (the pack as ComfyUI imports it; ComfyUI's nodes.py, which our nodes/
-    folder would shadow)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=[str(path.parent)]
-                                                      if package else None)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-_load("comfyui_sana", ROOT / "__init__.py", package=True)  # registers sana_core, sana_core.kernels, sana_nodes
-core_nodes = _load("comfy_core_nodes", Path(cli_args.__file__).resolve().parents[1] / "nodes.py")
-
+import nodes as core_nodes  # ComfyUI's (tests/comfy run in its folder; conftest.py loaded ComfyUI and the pack)
 from sana_core import load_autoencoder  # noqa: E402
 from sana_core.controlnet import ControlNet, Controls, encode_hint  # noqa: E402
 from sana_core.demo import write_demo_autoencoder  # noqa: E402

@@ -7,7 +7,6 @@ A ModelPatcher around a SanaTransformer (at `diffusion_model.transformer`, where
 it), patched with `lora_patches`, computes what the library's merge computes (float32, CPU); unpatching
 restores the weights bit for bit; a LyCORIS LoHa (which only ComfyUI applies) lands on its slice of the
 fused q/k/v."""
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-cli_args = pytest.importorskip("comfy.cli_args", reason="needs ComfyUI on PYTHONPATH (run with ComfyUI's Python)")
-cli_args.args.cpu = not torch.cuda.is_available()  # as `main.py --cpu`: model_management probes the device
-ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("comfyui_sana", ROOT / "__init__.py", submodule_search_locations=[])
-spec.loader.exec_module(importlib.util.module_from_spec(spec))  # the pack as ComfyUI imports it: sana_core, sana_nodes
-from comfy.model_patcher import ModelPatcher  # noqa: E402
-
+from comfy.model_patcher import ModelPatcher  # ComfyUI and the pack are loaded by tests/comfy/conftest.py
 from sana_core.demo import write_demo_lora  # noqa: E402
 from sana_core.lora import apply_lora  # noqa: E402
 from sana_core.transformer import SanaConfig, SanaTransformer, random_state_dict  # noqa: E402
