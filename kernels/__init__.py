@@ -14,6 +14,8 @@ Under TRITON_INTERPRET=1 the forced "triton" backend also runs on CPU tensors (t
                             DC-AE RMSNorm over C of (B, C, H, W), + residual, ReLU; in place (or into out)
     dequantize_blocks(data, fmt, dtype=torch.float32)                 GGUF Q8_0 ... Q6_K blocks (uint8) -> flat values
     dequantize_fp8(data, scale, dtype=torch.float32)                  fp8 x per-tensor / per-row scale -> dtype
+    rows_fp8(x, y=None, gate=None, shift=None, scale=None, eps=1e-6)  (x + gate * y), its rows (or their adaLN)
+                                                                      as e4m3 x one scale per token, (B, N, C)
 """
 import inspect
 import os
@@ -94,3 +96,4 @@ from .adaln import (adaln, adaln_torch, adaln_triton,  # noqa: E402
 from .rms_norm import channel_rms_norm, channel_rms_norm_torch, channel_rms_norm_triton  # noqa: E402
 from .dequant import (dequantize_blocks, dequantize_blocks_torch, dequantize_blocks_triton,  # noqa: E402
                       dequantize_fp8, dequantize_fp8_torch, dequantize_fp8_triton)
+from .fp8 import quantize_rows_torch, rows_fp8, rows_fp8_torch, rows_fp8_triton  # noqa: E402

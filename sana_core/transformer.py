@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import fp8  # fp8 compute (dtype="fp8_e4m3fn_fast")
 from .checkpoints import CheckpointError, default_device, default_dtype, describe, guess_component, strip_prefix
 from .kernels import adaln, depthwise_conv_glu, gated_residual_adaln, linear_attention  # Triton on CUDA, else twins
 from .operations import cast_like, matmul_weight, reads_weights_directly
@@ -208,10 +209,13 @@ class Caption(NamedTuple):
     keep: torch.Tensor | None  # (B, 1, 1, T) bool: the caption tokens attended to; None: all
 
 
-def residual_adaln(x, residual, shift, scale):
+def residual_adaln(x, residual, shift, scale, quantized=False):
     """The seam between two sub-layers: x + gate * y for residual = (gate, y) (gate None: x + y), then
     the next adaLN of it, in one pass over the tokens. Returns (x, adaln(x)). residual None: no add.
-    float16 clamps the residual stream to its range before the norm (diffusers clamps after each block)."""
+    float16 clamps the residual stream to its range before the norm (diffusers clamps after each block).
+    quantized: adaln(x) as fp8 rows for fp8 matmuls, quantized in the same pass (sana_core.fp8)."""
+    if quantized:
+        return fp8.residual_adaln_fp8(x, residual, shift, scale)
     if residual is None:
         return x, adaln(x, shift, scale)
     gate, y = residual
@@ -251,8 +255,12 @@ class MixFFN(nn.Module):
         self.point_conv = ConvLayer(hidden, width, 1, bias=False, **kw)
         self.band = None  # sana_core.parallel.Band while x is one row band of the image: it adds the halo rows
 
-    def forward(self, x, h, w):  # (B, N, C)
+    def forward(self, x, h, w):  # (B, N, C), or sana_core.fp8.Fp8Rows of it
         inv, depth, point = self.inverted_conv.conv, self.depth_conv.conv, self.point_conv.conv
+        conv_glu = depthwise_conv_glu if self.band is None else self.band.depthwise_conv_glu
+        if isinstance(inv, fp8.Fp8Linear):  # fp8 compute: the layers take tokens (fp8 rows or not) themselves
+            x = F.silu(inv(x), inplace=True)  # (B, N, 2H)
+            return point(conv_glu(x, cast_like(depth.weight, x), cast_like(depth.bias, x), h, w))  # (B, N, C)
         inv_weight, point_weight = matmul_weight(inv, x), matmul_weight(point, x)
         if inv_weight is None or point_weight is None or not reads_weights_directly(depth):
             if self.band is not None:
@@ -260,7 +268,6 @@ class MixFFN(nn.Module):
                                           "(no ComfyUI cast or on-the-fly patches)")
             return self._through_layers(x, h, w)
         x = F.silu(F.linear(x, inv_weight.flatten(1), inv.bias), inplace=True)  # (B, N, 2H)
-        conv_glu = depthwise_conv_glu if self.band is None else self.band.depthwise_conv_glu
         x = conv_glu(x, depth.weight, depth.bias, h, w)  # (B, N, H)
         return F.linear(x, point_weight.flatten(1))  # (B, N, C)
 
@@ -288,9 +295,10 @@ class Block(nn.Module):
         B, N, C = x.shape
         mod = cast_like(self.scale_shift_table, t0)[None] + t0.reshape(B, 6, C)  # (B, 6, C)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # (B, 1, C) each
-        x, normed = residual_adaln(x, residual, shift_msa, scale_msa)
+        x, normed = residual_adaln(x, residual, shift_msa, scale_msa, fp8.takes_fp8_rows(self.attn.qkv, x))
         x = torch.addcmul(x, gate_msa, self.attn(normed, perturbed))  # x + gate_msa * attn
-        x, normed = residual_adaln(x, (None, self.cross_attn(x, kv, keep)), shift_mlp, scale_mlp)
+        x, normed = residual_adaln(x, (None, self.cross_attn(x, kv, keep)), shift_mlp, scale_mlp,
+                                   fp8.takes_fp8_rows(self.mlp.inverted_conv.conv, x))  # fp8 compute: fp8 rows
         return x, (gate_mlp, self.mlp(normed, h, w))
 
 
@@ -674,7 +682,9 @@ def load_transformer(path, *, dtype=None, device=None, operations=None, **hints)
     `guidance_embeds_scale` (else read from config.json / metadata; defaults 1.0 and 0.1).
     A diffusers config.json decides the position embedding (none without `interpolation_scale`);
     only an original-format file's own name or its stale pos_embed may hint 2K/4K, never a folder.
-    `operations`: the Linear / Conv2d classes to build with (ComfyUI's comfy.ops; None: torch.nn)."""
+    `operations`: the Linear / Conv2d classes to build with (ComfyUI's comfy.ops; None: torch.nn).
+    dtype="fp8_e4m3fn_fast": fp8 matmuls in the blocks, other layers in the default dtype (sana_core.fp8)."""
+    fp8_compute, dtype = (True, None) if dtype == fp8.FP8_COMPUTE else (False, dtype)
     path = Path(path)
     if path.is_dir() and (path / "transformer").is_dir() and not any(path.glob("*.safetensors")):
         path = path / "transformer"  # a diffusers pipeline folder
@@ -705,9 +715,10 @@ def load_transformer(path, *, dtype=None, device=None, operations=None, **hints)
     with torch.device("meta"):
         model = SanaTransformer(config, dtype=dtype, operations=operations)
     try:
-        return load_quantized_weights(model, tensors, metadata, device=device, dtype=dtype)  # else load_weights
+        model = load_quantized_weights(model, tensors, metadata, device=device, dtype=dtype)  # else load_weights
     except CheckpointError as e:
         raise CheckpointError(f"{path.name} (detected {config.variant}): {e}") from None
+    return fp8.use_fp8_compute(model, device) if fp8_compute else model
 
 
 def random_state_dict(config: SanaConfig, *, seed=0, dtype=torch.float32) -> dict:

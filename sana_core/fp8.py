@@ -1,0 +1,155 @@
+"""fp8 compute (`dtype="fp8_e4m3fn_fast"`, ComfyUI's name): the DiT blocks' matmuls in float8_e4m3fn.
+
+Each block's Linear and 1x1-conv layers (attn.qkv, attn.proj, cross_attn.q_linear, cross_attn.proj,
+mlp.inverted_conv, mlp.point_conv: ~97% of the DiT's FLOPs) become Fp8Linear: the weight stored as e4m3 with
+one float32 scale per output channel, the activation as e4m3 with one scale per token, multiplied by
+torch._scaled_mm (rowwise scales, bf16 out, the scales applied in its epilogue). The activations are quantized
+in the pass that produces them (sana_core.kernels.rows_fp8): the adaLN before qkv and the Mix-FFN; a
+quantizing pass of its own for the attention outputs and the GLU output (whose kernel holds 16 channels of a
+token, not its row, so it cannot know the row's scale). Embedders, t_block, caption k/v and the final layer
+keep their dtype (they see few tokens).
+
+fp8 compute trades accuracy for speed: per layer ~3-4% relative error against bf16 (bench/fp8.py).
+Fallback: fp8 tensor cores need CUDA compute capability 8.9 (Ada, Hopper) or newer. Elsewhere (older GPUs,
+the CPU) the same layers dequantize their fp8 weights at every call and compute in the activations' dtype
+(bf16 on a GPU): the memory of fp8 weights, the speed of bf16 (a message says so at load).
+"""
+import functools
+import logging
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .kernels import dequantize_fp8, rows_fp8
+
+log = logging.getLogger(__name__)
+
+FP8_COMPUTE = "fp8_e4m3fn_fast"  # ComfyUI's weight_dtype name for fp8 matmuls
+E4M3_MAX = 448.0
+BLOCK_LAYERS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.proj", "mlp.inverted_conv.conv",
+                "mlp.point_conv.conv")
+
+
+class Fp8Rows(NamedTuple):
+    """An activation (B, N, C) as fp8 rows: q (B, N, C) float8_e4m3fn, s (B, N) float32; value = q * s."""
+    q: torch.Tensor
+    s: torch.Tensor
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index):
+    return torch.cuda.get_device_capability(index)
+
+
+def fp8_unavailable(device) -> str | None:
+    """Why fp8 matmuls cannot run on `device` (None: they can)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"the DiT runs on the {device.type.upper()}, which has no fp8 matmuls"
+    if not hasattr(torch, "_scaled_mm"):
+        return f"this PyTorch ({torch.__version__}) has no torch._scaled_mm"
+    major, minor = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    if (major, minor) < (8, 9):
+        return (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no fp8 tensor cores "
+                f"(they need 8.9: Ada, Hopper or newer)")
+    return None
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float weight -> (N, K) float8_e4m3fn and (N,) float32 scales, one per output channel."""
+    w = weight.float()
+    scale = (w.abs().amax(1) / E4M3_MAX).clamp_min(1e-12)
+    return (w / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+class Fp8Linear(nn.Module):
+    """A Linear (or 1x1 Conv2d) on tokens (..., K) -> (..., N) with an e4m3 weight and per-channel scales.
+    Takes activations as a tensor (quantized here, one pass) or as Fp8Rows (quantized by their producer).
+    Where fp8 matmuls cannot run (fp8_unavailable) it computes with the dequantized weight instead."""
+
+    def __init__(self, weight, scale, bias, weight_shape):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (N, K) float8_e4m3fn
+        self.scale_weight = nn.Parameter(scale, requires_grad=False)  # (N,) float32
+        self.bias = bias  # (N,) Parameter or None
+        self.weight_shape = torch.Size(weight_shape)  # the original layer's: (N, K) or (N, K, 1, 1)
+        self.tensor_cores = weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0  # torch._scaled_mm's rule
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module) -> "Fp8Linear":
+        """From a Linear / 1x1 Conv2d, plain or sana_core.quantized (an e4m3 weight with a per-tensor or
+        per-row scale is kept as it is; any other is dequantized and quantized per output channel)."""
+        shape = getattr(layer, "weight_shape", None) or layer.weight.shape
+        if getattr(layer, "qtype", None) == "fp8_e4m3fn" and not layer.weight_function:
+            weight = layer.weight.data.reshape(shape[0], -1)
+            scale = getattr(layer, "scale_weight", None)
+            scale = torch.ones((), device=weight.device) if scale is None else scale.data.float()
+            scale = scale.expand(shape[0]).contiguous()
+        else:
+            dense = layer.dequantized_weight(torch.float32, layer.weight.device) if hasattr(
+                layer, "dequantized_weight") else layer.weight.float()
+            weight, scale = quantize_weight(dense.reshape(shape[0], -1))
+        return cls(weight, scale, layer.bias, shape)
+
+    def dequantized_weight(self, dtype, device) -> torch.Tensor:
+        """The weight in the original layer's shape (sana_core.operations.matmul_weight reads it)."""
+        weight = dequantize_fp8(self.weight.to(device), self.scale_weight.to(device), dtype)
+        return weight.reshape(self.weight_shape)
+
+    def forward(self, x):
+        if isinstance(x, Fp8Rows):
+            return self._scaled_mm(x)
+        if x.ndim == 4:  # called as a 1x1 conv on a (B, K, h, w) grid (MixFFN's layer-by-layer path)
+            out = self.forward(x.flatten(2).transpose(1, 2))
+            return out.transpose(1, 2).unflatten(2, x.shape[2:])
+        if x.ndim == 3 and takes_fp8_rows(self, x):
+            return self._scaled_mm(Fp8Rows(*rows_fp8(x)[1:]))
+        bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype, x.device).reshape(self.weight.shape), bias)
+
+    def _scaled_mm(self, rows: Fp8Rows):  # -> (..., N) bfloat16
+        q, s = rows
+        weight, scale = self.weight.to(q.device), self.scale_weight.to(q.device)
+        bias = None if self.bias is None else self.bias.to(q.device, torch.bfloat16)
+        out = torch._scaled_mm(q.reshape(-1, q.shape[-1]), weight.t(), scale_a=s.reshape(-1, 1),
+                               scale_b=scale[None], bias=bias, out_dtype=torch.bfloat16)  # (B*N, N_out)
+        return out.reshape(*q.shape[:-1], -1)
+
+    def extra_repr(self):
+        return f"{self.weight_shape[1]} -> {self.weight_shape[0]}, fp8_e4m3fn x per-channel scale"
+
+
+def takes_fp8_rows(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether layer computes x in fp8 (its producer may then hand it over as Fp8Rows, quantized in its own
+    pass): an Fp8Linear whose sizes suit the tensor cores, bf16 activations on a GPU with fp8 matmuls."""
+    return (isinstance(layer, Fp8Linear) and layer.tensor_cores and x.dtype == torch.bfloat16
+            and fp8_unavailable(x.device) is None)
+
+
+def residual_adaln_fp8(x, residual, shift, scale):
+    """transformer.residual_adaln with the adaLN output as Fp8Rows: (x, Fp8Rows), one pass."""
+    gate, y = residual if residual is not None else (None, None)
+    if y is not None and gate is None:
+        gate = x.new_ones(x.shape[-1])
+    r, q, s = rows_fp8(x, y, gate, shift, scale)
+    return (x if r is None else r), Fp8Rows(q, s)
+
+
+def use_fp8_compute(model: nn.Module, device=None) -> nn.Module:
+    """Make every DiT block's Linear / 1x1-conv layer an Fp8Linear (in place; returns the model). `device`:
+    where the model will compute (default: where its weights are), for the fallback message."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    for block in model.blocks:
+        for name in BLOCK_LAYERS:
+            parent, _, child = name.rpartition(".")
+            owner = block.get_submodule(parent)
+            setattr(owner, child, Fp8Linear.from_layer(getattr(owner, child)))
+    reason = fp8_unavailable(device)
+    if reason:
+        log.warning("%s: %s, so the DiT computes in %s from its fp8 weights (the memory of fp8, not its speed)",
+                    FP8_COMPUTE, reason, model.dtype)
+    else:
+        log.info("%s: the DiT blocks' matmuls run in fp8 (e4m3) on %s", FP8_COMPUTE, device)
+    return model
