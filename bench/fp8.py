@@ -23,7 +23,7 @@ from checkout import import_sana
 
 import_sana()
 from sana_core import fp8, runtime as rt  # noqa: E402
-from sana_core.kernels import depthwise_conv_glu  # noqa: E402
+from sana_core.kernels import depthwise_conv_glu, rows_fp8_triton  # noqa: E402
 from sana_core.samplers import sample  # noqa: E402
 from sana_core.transformer import CONFIGS, SanaConfig, SanaTransformer, random_state_dict  # noqa: E402
 
@@ -32,7 +32,7 @@ TINY = SanaConfig(depth=2, width=256, caption_dim=64, self_heads=8, cross_heads=
 KERNEL_GROUPS = (  # profiler kernel name pattern -> group (first match wins)
     ("rows_fp8", "fp8 quantize (rows_fp8)"), ("adaln", "adaLN"), ("linear_attention|_attn_", "linear attention"),
     ("dwconv|glu", "depthwise conv + GLU"), ("flash|fmha|cudnn|sdpa|attention", "cross-attention (SDPA)"),
-    ("f8|fp8|e4m3|scaled_mm|rowwise", "fp8 matmul"), ("gemm|sm90_xmma|cutlass|nvjet|matmul", "bf16 matmul"))
+    ("f8|fp8|e4m3|scaled_mm|rowwise", "fp8 matmul"), ("gemm|sm90_xmma|cutlass|nvjet|matmul", "matmul (not named fp8)"))
 
 
 def sync(device):
@@ -114,6 +114,7 @@ def step_row(models, px, device, do_profile):
             if device.type == "cuda" and row["tokens"] <= rt.MAX_TOKENS:
                 step = graphs.graphed(lambda x, t, c, m=model: m(x, t, c), (caption,), module=model,
                                       key=f"fp8-bench-{name}", tokens=0)
+                step(x, t)  # warm-up; the next call captures
                 step(x, t)
                 row[f"{name}_graph_ms"] = round(time_ms(lambda s=step: s(x, t), device), 2) if step.captured else None
                 row[f"{name}_graph_equals_eager"] = bool(torch.equal(step(x, t), eager()))
@@ -183,6 +184,17 @@ def final_latents(models, px, device, steps=20, guidance=4.5):
     return dict(px=px, steps=steps, guidance=guidance, rel_err=round(rel_err(latents["fp8"], latents["bf16"]), 4))
 
 
+def quantize_sweep(device, tokens=32768):
+    """rows_fp8's plain quantization at 4096 px sizes (C = width, Mix-FFN hidden) by num_warps: ms and GB/s."""
+    rows = []
+    for C in (2240, 5600):
+        x = torch.randn(1, tokens, C, device=device, dtype=BF16)
+        for warps in (2, 4, 8, 16):
+            ms = time_ms(lambda: rows_fp8_triton(x, num_warps=warps), device, budget_s=0.3)
+            rows.append(dict(C=C, num_warps=warps, ms=round(ms, 4), GBps=round(tokens * C * 3 / ms / 1e6)))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", default="sana-1.6b", choices=CONFIGS)
@@ -190,6 +202,7 @@ def main():
     ap.add_argument("--px", default=None, help="comma-separated image sides (default 1024,4096; 256 with --tiny)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time the quantize kernel by num_warps")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type != "cuda" or fp8.fp8_unavailable(device):
@@ -207,6 +220,10 @@ def main():
     result["steps"] = [step_row(models, px, device, not args.no_profile) for px in sizes]
     result["layers"] = layer_errors(models, sizes[0], device, sorted({0, cfg.depth // 2, cfg.depth - 1}))
     result["final_latent"] = final_latents(models, sizes[0], device)
+    if args.sweep and device.type == "cuda":
+        result["quantize_sweep"] = quantize_sweep(device)
+        print("rows_fp8 quantize by num_warps:", [(r["C"], r["num_warps"], r["ms"], r["GBps"])
+                                                 for r in result["quantize_sweep"]])
     keys = ["px", "mode", "bf16_ms", "fp8_ms", "fp8_over_bf16", "bf16_eager_ms", "fp8_eager_ms", "velocity_rel_err"]
     print(" | ".join(keys))
     for r in result["steps"]:

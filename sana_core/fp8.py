@@ -38,11 +38,11 @@ class Fp8Rows(NamedTuple):
     s: torch.Tensor
 
 
-@functools.lru_cache(maxsize=None)
 def _capability(index):
     return torch.cuda.get_device_capability(index)
 
 
+@functools.lru_cache(maxsize=None)  # asked at every fp8 layer call
 def fp8_unavailable(device) -> str | None:
     """Why fp8 matmuls cannot run on `device` (None: they can)."""
     device = torch.device(device)

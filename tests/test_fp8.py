@@ -153,10 +153,35 @@ def test_fallback_computes_from_fp8_weights_with_a_message(tiny_file, caplog, mo
     assert rel_err(run(model), ref) < 0.05 and not calls
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     monkeypatch.setattr(fp8, "_capability", lambda index: (7, 5))
-    assert fp8.fp8_unavailable("cuda:0") == ("Tesla T4 (compute capability 7.5) has no fp8 tensor cores (they need "
-                                             "8.9: Ada, Hopper or newer)")
-    monkeypatch.setattr(fp8, "_capability", lambda index: (9, 0))
-    assert fp8.fp8_unavailable("cuda:0") is None
+    fp8.fp8_unavailable.cache_clear()  # the answer is cached per device
+    try:
+        assert fp8.fp8_unavailable("cuda:0") == ("Tesla T4 (compute capability 7.5) has no fp8 tensor cores (they "
+                                                 "need 8.9: Ada, Hopper or newer)")
+        monkeypatch.setattr(fp8, "_capability", lambda index: (9, 0))
+        fp8.fp8_unavailable.cache_clear()
+        assert fp8.fp8_unavailable("cuda:0") is None
+    finally:
+        fp8.fp8_unavailable.cache_clear()
+
+
+def test_model_loader_node_offers_fp8_compute(tiny_file, caplog):
+    """SANA Model Loader: dtype fp8_e4m3fn_fast (ComfyUI's name) gives fp8 layers, here on the CPU the fallback
+    with its message; its tooltip says what fp8 compute trades."""
+    from sana_nodes import host
+    from sana_nodes.loaders import SanaModelLoader
+    dtype_input = SanaModelLoader.INPUT_TYPES()["required"]["dtype"]
+    assert fp8.FP8_COMPUTE in dtype_input[0] and "less accurate" in dtype_input[1]["tooltip"]
+    folder = tiny_file.parent / "models"
+    (folder / "diffusion_models").mkdir(parents=True, exist_ok=True)
+    (folder / "diffusion_models" / tiny_file.name).write_bytes(tiny_file.read_bytes())
+    previous = host._host
+    host.use(host.LocalHost(folder, device="cpu"))
+    try:
+        with caplog.at_level(logging.WARNING, logger="sana_core.fp8"):
+            managed, = SanaModelLoader().load(tiny_file.name, fp8.FP8_COMPUTE)
+    finally:
+        host._host = previous
+    assert isinstance(managed.model.blocks[0].attn.qkv, fp8.Fp8Linear) and "no fp8 matmuls" in caplog.text
 
 
 def test_fp8_file_keeps_its_bytes(tiny_file, tmp_path):
