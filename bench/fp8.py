@@ -114,8 +114,9 @@ def step_row(models, px, device, do_profile):
             if device.type == "cuda" and row["tokens"] <= rt.MAX_TOKENS:
                 step = graphs.graphed(lambda x, t, c, m=model: m(x, t, c), (caption,), module=model,
                                       key=f"fp8-bench-{name}", tokens=0)
-                step(x, t)  # warm-up; the next call captures
-                step(x, t)
+                for _ in range(3):  # warm-ups (one more when the first synchronised), then the capture
+                    if step.captured is None:
+                        step(x, t)
                 row[f"{name}_graph_ms"] = round(time_ms(lambda s=step: s(x, t), device), 2) if step.captured else None
                 row[f"{name}_graph_equals_eager"] = bool(torch.equal(step(x, t), eager()))
                 del step
