@@ -216,8 +216,8 @@ def main():
     bf16 = SanaTransformer(cfg, dtype=BF16, device=device).eval()
     bf16.load_state_dict(random_state_dict(cfg, dtype=BF16))
     models = dict(bf16=bf16, fp8=fp8.use_fp8_compute(copy.deepcopy(bf16)))
-    result = dict(variant="tiny" if args.tiny else args.variant, device=str(device), build_s=round(time.perf_counter() - t0, 1),
-                  gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None, torch=torch.__version__)
+    result = dict(variant="tiny" if args.tiny else args.variant, device=str(device),
+                  build_s=round(time.perf_counter() - t0, 1), gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None, torch=torch.__version__)
     result["steps"] = [step_row(models, px, device, not args.no_profile) for px in sizes]
     result["layers"] = layer_errors(models, sizes[0], device, sorted({0, cfg.depth // 2, cfg.depth - 1}))
     result["final_latent"] = final_latents(models, sizes[0], device)

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .fp8 import FP8_COMPUTE  # --dtype for the DiT only; the others then run in auto
+
 DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -34,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=1)
     g.add_argument("--image", type=Path, help="input image for image-to-image (with --denoise < 1)")
     g.add_argument("--denoise", type=float, default=None, help="image-to-image strength (default 0.6 with --image)")
-    g.add_argument("--dtype", choices=tuple(DTYPES), default="auto", help="default: bf16 on a GPU, fp32 on the CPU")
+    g.add_argument("--dtype", choices=tuple(DTYPES) + (FP8_COMPUTE,), default="auto",
+                   help=f"default: bf16 on a GPU, fp32 on the CPU; {FP8_COMPUTE}: the DiT's matmuls in fp8 (GPUs "
+                        "with fp8 tensor cores; faster, less accurate), the rest auto")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: the GPU if there is one)")
     q = commands.add_parser("quantize", help="write a DiT checkpoint as fp8 or GGUF",
                             description="Write a bf16/fp16/fp32 SANA DiT checkpoint (any layout) with the blocks' "
@@ -85,14 +89,15 @@ def generate(args) -> int:
     device = None if args.device == "auto" else torch.device(args.device)
     if device is not None and device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA GPU is available here (use --device cpu)")
-    dtype = DTYPES[args.dtype] and getattr(torch, DTYPES[args.dtype])
+    dtype = DTYPES.get(args.dtype) and getattr(torch, DTYPES[args.dtype])
     image = None
     if args.image is not None:
         from PIL import Image
         image = Image.open(args.image).convert("RGB")
     denoise = args.denoise if args.denoise is not None else (0.6 if image is not None else 1.0)
 
-    transformer = load(load_transformer, "--transformer", args.transformer, dtype, device)
+    transformer = load(load_transformer, "--transformer", args.transformer,
+                       FP8_COMPUTE if args.dtype == FP8_COMPUTE else dtype, device)
     autoencoder = load(load_autoencoder, "--vae", args.vae, dtype, device)
     text_encoder = load(load_text_encoder, "--text-encoder", args.text_encoder, dtype, device)
     pipe = SanaPipeline(transformer, autoencoder, text_encoder)

@@ -65,25 +65,33 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Fp8Linear(nn.Module):
-    """A Linear (or 1x1 Conv2d) on tokens (..., K) -> (..., N) with an e4m3 weight and per-channel scales.
+    """A Linear (or 1x1 Conv2d) on tokens (..., K) -> (..., N): `weight` float8_e4m3fn in the original layer's
+    shape, (N, K) or (N, K, 1, 1), times `scale_weight` (N,) float32, one scale per output channel.
     Takes activations as a tensor (quantized here, one pass) or as Fp8Rows (quantized by their producer).
-    Where fp8 matmuls cannot run (fp8_unavailable) it computes with the dequantized weight instead."""
+    Where fp8 matmuls cannot run (fp8_unavailable) it computes with the dequantized weight instead.
+    ComfyUI's ModelPatcher treats it as one of its scaled-fp8 cast layers (comfy/ops.py): convert_weight /
+    set_weight let it patch LoRAs into weight x scale and store the result back in fp8 (values beyond the
+    layer's fp8 range saturate), and a low-VRAM load leaves the weight on the CPU (copied at each call, as
+    here always where it is not on the input's device) with its patches as weight_function, applied here."""
+    comfy_cast_weights = False  # ComfyUI: True while low-VRAM loading leaves the weight to be cast at each call
+    weight_function = []  # ComfyUI's low-VRAM patches: fp8 weight -> patched fp8 weight
+    bias_function = []
 
-    def __init__(self, weight, scale, bias, weight_shape):
+    def __init__(self, weight, scale, bias):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)  # (N, K) float8_e4m3fn
-        self.scale_weight = nn.Parameter(scale, requires_grad=False)  # (N,) float32
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.scale_weight = nn.Parameter(scale, requires_grad=False)
         self.bias = bias  # (N,) Parameter or None
-        self.weight_shape = torch.Size(weight_shape)  # the original layer's: (N, K) or (N, K, 1, 1)
-        self.tensor_cores = weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0  # torch._scaled_mm's rule
+        n, k = weight.shape[0], weight[0].numel()
+        self.tensor_cores = n % 16 == 0 and k % 16 == 0  # torch._scaled_mm's rule
 
     @classmethod
     def from_layer(cls, layer: nn.Module) -> "Fp8Linear":
         """From a Linear / 1x1 Conv2d, plain or sana_core.quantized (an e4m3 weight with a per-tensor or
         per-row scale is kept as it is; any other is dequantized and quantized per output channel)."""
         shape = getattr(layer, "weight_shape", None) or layer.weight.shape
-        if getattr(layer, "qtype", None) == "fp8_e4m3fn" and not layer.weight_function:
-            weight = layer.weight.data.reshape(shape[0], -1)
+        if getattr(layer, "qtype", None) == "fp8_e4m3fn" and not layer.weight_function:  # no patches to bake in
+            weight = layer.weight.data.reshape(shape)
             scale = getattr(layer, "scale_weight", None)
             scale = torch.ones((), device=weight.device) if scale is None else scale.data.float()
             scale = scale.expand(shape[0]).contiguous()
@@ -91,12 +99,41 @@ class Fp8Linear(nn.Module):
             dense = layer.dequantized_weight(torch.float32, layer.weight.device) if hasattr(
                 layer, "dequantized_weight") else layer.weight.float()
             weight, scale = quantize_weight(dense.reshape(shape[0], -1))
-        return cls(weight, scale, layer.bias, shape)
+        return cls(weight.reshape(shape), scale, layer.bias)
+
+    def fp8_weight(self, device) -> torch.Tensor:
+        """The e4m3 weight on device, ComfyUI's on-the-fly patches applied."""
+        weight = self.weight.to(device, non_blocking=True)
+        for f in self.weight_function:
+            weight = f(weight)
+        return weight
+
+    def cast_bias(self, device, dtype):
+        bias = None if self.bias is None else self.bias.to(device, dtype)
+        for f in self.bias_function:
+            bias = f(bias)
+        return bias
 
     def dequantized_weight(self, dtype, device) -> torch.Tensor:
         """The weight in the original layer's shape (sana_core.operations.matmul_weight reads it)."""
-        weight = dequantize_fp8(self.weight.to(device), self.scale_weight.to(device), dtype)
-        return weight.reshape(self.weight_shape)
+        return dequantize_fp8(self.fp8_weight(device), self.scale_weight.to(device), dtype)
+
+    def convert_weight(self, weight, inplace=False, **kwargs):
+        """ComfyUI: the float value of `weight` (this layer's, as float32) = weight x scale per output channel."""
+        scale = self.scale_weight.to(weight.device, weight.dtype).reshape(-1, *[1] * (weight.ndim - 1))
+        return weight.mul_(scale) if inplace else weight * scale
+
+    def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+        """ComfyUI: store a (patched) float weight as fp8 with this layer's scales (rounded to nearest; seed,
+        for ComfyUI's stochastic rounding, unused). The scales stay: ComfyUI restores only `weight` on unpatching."""
+        scale = self.scale_weight.to(weight.device, torch.float32).reshape(-1, *[1] * (weight.ndim - 1))
+        q = (weight.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        if return_weight:
+            return q
+        if inplace_update:
+            self.weight.data.copy_(q)
+        else:
+            self.weight = nn.Parameter(q, requires_grad=False)
 
     def forward(self, x):
         if isinstance(x, Fp8Rows):
@@ -106,19 +143,17 @@ class Fp8Linear(nn.Module):
             return out.transpose(1, 2).unflatten(2, x.shape[2:])
         if x.ndim == 3 and takes_fp8_rows(self, x):
             return self._scaled_mm(Fp8Rows(*rows_fp8(x)[1:]))
-        bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
-        return F.linear(x, self.dequantized_weight(x.dtype, x.device).reshape(self.weight.shape), bias)
+        return F.linear(x, self.dequantized_weight(x.dtype, x.device).flatten(1), self.cast_bias(x.device, x.dtype))
 
     def _scaled_mm(self, rows: Fp8Rows):  # -> (..., N) bfloat16
         q, s = rows
-        weight, scale = self.weight.to(q.device), self.scale_weight.to(q.device)
-        bias = None if self.bias is None else self.bias.to(q.device, torch.bfloat16)
-        out = torch._scaled_mm(q.reshape(-1, q.shape[-1]), weight.t(), scale_a=s.reshape(-1, 1),
-                               scale_b=scale[None], bias=bias, out_dtype=torch.bfloat16)  # (B*N, N_out)
+        weight, scale = self.fp8_weight(q.device).flatten(1), self.scale_weight.to(q.device)  # (N, K), (N,)
+        out = torch._scaled_mm(q.reshape(-1, q.shape[-1]), weight.t(), scale_a=s.reshape(-1, 1), scale_b=scale[None],
+                               bias=self.cast_bias(q.device, torch.bfloat16), out_dtype=torch.bfloat16)  # (B*N, N_out)
         return out.reshape(*q.shape[:-1], -1)
 
     def extra_repr(self):
-        return f"{self.weight_shape[1]} -> {self.weight_shape[0]}, fp8_e4m3fn x per-channel scale"
+        return f"{self.weight[0].numel()} -> {self.weight.shape[0]}, fp8_e4m3fn x per-channel scale"
 
 
 def takes_fp8_rows(layer: nn.Module, x: torch.Tensor) -> bool:

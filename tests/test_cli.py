@@ -102,3 +102,10 @@ def test_module_entry_point_exits_2_without_traceback(tmp_path):
                             capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: --transformer: no such file or folder: {tmp_path / 'nope.safetensors'}"
+
+
+def test_fp8_compute_dtype_generates_with_the_fallback_on_the_cpu(models, tmp_path, caplog):
+    """--dtype fp8_e4m3fn_fast: the DiT in fp8 (here the CPU's fallback, said in the log), the rest in auto."""
+    out = tmp_path / "fp8.png"
+    assert main(args(models, out, "--dtype", "fp8_e4m3fn_fast")) == 0
+    assert Image.open(out).size == (96, 64) and "no fp8 matmuls" in caplog.text

@@ -1,0 +1,79 @@
+"""fp8 compute (sana_core.fp8) under ComfyUI's ModelPatcher, on the CPU (so the fallback: fp8 weights, float
+compute): LoRA-style weight patches go through Fp8Linear's convert_weight / set_weight (ComfyUI's protocol for
+scaled fp8 layers), full and low-VRAM loads compute the patched model within fp8's error, and unpatching gives
+the fp8 weights back bit for bit. Run as tests/comfy/conftest.py says."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+comfy_args = pytest.importorskip("comfy.cli_args").args
+comfy_args.cpu = True  # before comfy.model_management is imported: no GPU probing
+import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.ops  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+if "sana_core.kernels" not in sys.modules:  # load the pack the way ComfyUI does: its __init__ registers kernels/
+    spec = importlib.util.spec_from_file_location("sana_pack", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    sys.modules["sana_pack"] = pack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack)
+
+from sana_core import fp8  # noqa: E402
+from sana_core.transformer import SanaConfig, SanaTransformer, random_state_dict  # noqa: E402
+
+CFG = SanaConfig(depth=2, width=64, caption_dim=48, self_heads=2, cross_heads=2, mlp_hidden=160, qk_norm=True)
+CPU = torch.device("cpu")
+PATCHED = ("blocks.0.attn.qkv.weight", "blocks.1.mlp.inverted_conv.conv.weight", "blocks.1.mlp.point_conv.conv.weight")
+
+
+class Holder(torch.nn.Module):
+    """What a ModelPatcher manages (as comfy.model_base.BaseModel): the DiT under `diffusion_model`."""
+
+    def __init__(self, dit):
+        super().__init__()
+        self.diffusion_model = dit
+
+
+def build(state, operations=None):
+    dit = SanaTransformer(CFG, operations=operations)
+    dit.load_state_dict(state)
+    return dit.eval().requires_grad_(False)
+
+
+def run(dit):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return dit(torch.randn(2, 32, 3, 4, generator=g), torch.tensor([700.0, 300.0]),
+                   torch.randn(2, 7, CFG.caption_dim, generator=g), torch.tensor([[1] * 7, [1] * 4 + [0] * 3]))
+
+
+def rel_err(ours, ref) -> float:
+    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("low_vram", [False, True])
+def test_weight_patches_on_fp8_layers(low_vram):
+    state = random_state_dict(CFG, seed=1)
+    dit = fp8.use_fp8_compute(build(state, comfy.ops.disable_weight_init))
+    originals = {k: dit.get_parameter(k).clone() for k in PATCHED}
+    patcher = comfy.model_patcher.ModelPatcher(Holder(dit), load_device=CPU, offload_device=CPU)
+    g = torch.Generator().manual_seed(2)
+    diffs = {key: 0.02 * torch.randn(state[key].shape, generator=g) for key in PATCHED}
+    assert len(patcher.add_patches({f"diffusion_model.{k}": (d,) for k, d in diffs.items()})) == len(PATCHED)
+    patcher.patch_model(device_to=CPU, lowvram_model_memory=1 if low_vram else 0)
+
+    patched = build({k: v + diffs[k] if k in diffs else v for k, v in state.items()})
+    assert isinstance(dit.blocks[0].attn.qkv, fp8.Fp8Linear)
+    assert all(dit.get_parameter(k).dtype == torch.float8_e4m3fn for k in PATCHED)
+    assert [dit.get_submodule(k.rpartition(".")[0]).weight_function != [] for k in PATCHED] == [low_vram] * 3
+    for k in PATCHED:  # the weights computed with: the patched ones within two e4m3 roundings (at conversion, patched)
+        weight = dit.get_submodule(k.rpartition(".")[0]).dequantized_weight(torch.float32, CPU)
+        assert rel_err(weight, state[k] + diffs[k]) < 0.06 and rel_err(weight, state[k]) > 0.1, k
+    assert rel_err(run(dit), run(patched)) < 0.05
+
+    patcher.unpatch_model(CPU)
+    assert all(torch.equal(dit.get_parameter(k).view(torch.uint8), originals[k].view(torch.uint8)) for k in PATCHED)
