@@ -363,9 +363,13 @@ def _recompute(model, state: MergedLoras, keys) -> None:
     for key in keys:
         param = params[key]
         weight = state.originals[key].to(param.device, non_blocking=True).to(torch.float32, copy=True)
+        layer = model.get_submodule(key.rpartition(".")[0])
+        scaled = key.endswith(".weight") and hasattr(layer, "set_weight")  # fp8 x scales (sana_core.fp8.Fp8Linear)
+        if scaled:
+            weight = layer.convert_weight(weight, inplace=True)
         for update, strength in updates.get(key, ()):
             rows = weight.narrow(*update.target.slice) if update.target.slice else weight
             rows += strength * update.delta(key, param.device).reshape(rows.shape)
-        param.copy_(weight)
+        param.copy_(layer.set_weight(weight, return_weight=True) if scaled else weight)
         if key not in touched:
             del state.originals[key]

@@ -17,6 +17,8 @@ from safetensors.torch import save_file
 
 from sana_core import fp8, kernels as K
 from sana_core.__main__ import main as cli
+from sana_core.demo import write_demo_lora
+from sana_core.lora import apply_lora, read_lora, unload_loras
 from sana_core.transformer import SanaConfig, config_metadata, load_transformer, random_state_dict
 
 TINY = SanaConfig(depth=2, width=64, caption_dim=48, self_heads=2, cross_heads=2, mlp_hidden=160)  # all sizes % 16
@@ -193,3 +195,18 @@ def test_fp8_file_keeps_its_bytes(tiny_file, tmp_path):
     fast = load_transformer(fp8_file, dtype=fp8.FP8_COMPUTE, device="cpu").blocks[0].attn.qkv
     assert torch.equal(fast.weight.view(torch.uint8), stored.weight.view(torch.uint8))
     assert torch.equal(fast.scale_weight, stored.scale_weight.expand(stored.weight.shape[0]))
+
+
+def test_lora_merges_into_fp8_weights_and_comes_out_exactly(tiny_file, tmp_path):
+    """sana_core.lora merges into weight x scale (Fp8Linear.convert_weight / set_weight), not into the raw fp8
+    values: the result is the float model's with the LoRA within fp8's error; unloading gives the bytes back."""
+    lora_file = write_demo_lora(tmp_path / "lora.safetensors", depth=TINY.depth, width=TINY.width)
+    ref = load_transformer(tiny_file, dtype=torch.float32, device="cpu")
+    apply_lora(ref, read_lora(lora_file, ref))
+    model = load_transformer(tiny_file, dtype=fp8.FP8_COMPUTE, device="cpu")
+    before = model.blocks[0].attn.qkv.weight.clone()
+    apply_lora(model, read_lora(lora_file, model))
+    assert not torch.equal(model.blocks[0].attn.qkv.weight.view(torch.uint8), before.view(torch.uint8))
+    assert rel_err(run(model), run(ref)) < 0.06  # the LoRA alone moves the output by ~40%
+    unload_loras(model)
+    assert torch.equal(model.blocks[0].attn.qkv.weight.view(torch.uint8), before.view(torch.uint8))

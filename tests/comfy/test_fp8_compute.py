@@ -1,29 +1,16 @@
 """fp8 compute (sana_core.fp8) under ComfyUI's ModelPatcher, on the CPU (so the fallback: fp8 weights, float
 compute): LoRA-style weight patches go through Fp8Linear's convert_weight / set_weight (ComfyUI's protocol for
 scaled fp8 layers), full and low-VRAM loads compute the patched model within fp8's error, and unpatching gives
-the fp8 weights back bit for bit. Run as tests/comfy/conftest.py says."""
-import importlib.util
-import sys
-from pathlib import Path
+the fp8 weights back bit for bit. Run with ComfyUI's Python, e.g. from the repository root:
 
+    PYTHONPATH=/work/shared/comfyui:. /root/.cache/sana-comfyui-venv/bin/python -m pytest tests/comfy"""
+import comfy.model_patcher  # ComfyUI and the pack are loaded by tests/comfy/conftest.py
+import comfy.ops
 import pytest
 import torch
 
-comfy_args = pytest.importorskip("comfy.cli_args").args
-comfy_args.cpu = True  # before comfy.model_management is imported: no GPU probing
-import comfy.model_management  # noqa: E402
-import comfy.model_patcher  # noqa: E402
-import comfy.ops  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
-if "sana_core.kernels" not in sys.modules:  # load the pack the way ComfyUI does: its __init__ registers kernels/
-    spec = importlib.util.spec_from_file_location("sana_pack", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    sys.modules["sana_pack"] = pack = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pack)
-
-from sana_core import fp8  # noqa: E402
-from sana_core.transformer import SanaConfig, SanaTransformer, random_state_dict  # noqa: E402
+from sana_core import fp8
+from sana_core.transformer import SanaConfig, SanaTransformer, random_state_dict
 
 CFG = SanaConfig(depth=2, width=64, caption_dim=48, self_heads=2, cross_heads=2, mlp_hidden=160, qk_norm=True)
 CPU = torch.device("cpu")
