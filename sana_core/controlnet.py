@@ -84,27 +84,29 @@ class ControlNet(nn.Module):
         hint (1 or B, 32, h, w) DC-AE latent scaled as the DiT's input (encode_hint); base the SanaTransformer
         it drives; caption = base.encode_caption(context, mask) and context (B, T, caption_dim) the Gemma hidden
         states it was made of; strength scales what the ControlNet adds (a float or a 0-d tensor)."""
-        self.check_base(base)
+        device = caption.kv[0][0].device  # where the model computes (its weights may be partly elsewhere)
+        if self.before_proj.weight.device != device:
+            raise ValueError(f"the ControlNet is on {self.before_proj.weight.device}, the model computes on {device}: "
+                             f"load both on one device")
+        self.check_fits(base.config)
         B = context.shape[0]
         if hint.ndim != 4 or hint.shape[1] != self.config.in_channels or hint.shape[0] not in (1, B):
             raise ValueError(f"the ControlNet hint has shape {list(hint.shape)}; expected [1 or {B}, "
                              f"{self.config.in_channels}, h, w] (the hint image encoded by the DC-AE: encode_hint)")
-        hint = self.before_proj(self.embed(hint.to(base.device))).expand(B, -1, -1)  # (B, N, C)
+        hint = self.before_proj(self.embed(hint.to(device))).expand(B, -1, -1)  # (B, N, C)
         if self.graph == OFFICIAL:  # the copied blocks attend to the base model's caption embedding
-            y = base.attention_y_norm(base.y_embedder(context.to(base.device, base.dtype))).to(self.dtype)
+            y = base.attention_y_norm(base.y_embedder(context.to(device, base.dtype))).to(self.dtype)
         else:
-            y = self.attention_y_norm(self.y_embedder(context.to(base.device, self.dtype)))
+            y = self.attention_y_norm(self.y_embedder(context.to(device, self.dtype)))
         kv = tuple(block.cross_attn.caption_kv(y) for block in self.blocks)
-        strength = strength.to(base.device, torch.float32) if isinstance(strength, torch.Tensor) else \
-            torch.full((), float(strength), device=base.device)  # a fill, not a host copy: prepare may run in a graph
+        strength = strength.to(device, torch.float32) if isinstance(strength, torch.Tensor) else \
+            torch.full((), float(strength), device=device)  # a fill, not a host copy: prepare may run in a graph
         return Control(self, hint, kv, caption.keep, strength)
 
-    def check_base(self, base) -> None:
-        """A clear error when this ControlNet cannot drive `base` (another width, too few blocks)."""
-        cfg, bcfg = self.config, base.config
-        if self.before_proj.weight.device != base.device:
-            raise ValueError(f"the ControlNet is on {self.before_proj.weight.device}, the model on {base.device}: "
-                             f"load both on one device")
+    def check_fits(self, bcfg: SanaConfig) -> None:
+        """A clear error when this ControlNet cannot drive a model of config `bcfg` (another width, too few
+        blocks)."""
+        cfg = self.config
         if cfg.width != bcfg.width:
             raise ValueError(f"this ControlNet was made for SANA models of width {cfg.width} ({_size(cfg.width)}); "
                              f"the model is {bcfg.variant} (width {bcfg.width}): use the ControlNet made for it")
@@ -237,7 +239,8 @@ def _layout(tensors: dict, name: str) -> str:
             "autoencoder": "load it with load_autoencoder (the VAE loader)",
             "text_encoder": "load it with load_text_encoder (the text-encoder loader)",
             "controlnet": "it is a ControlNet of another model family"}.get(kind, "it is no SANA component")
-    raise CheckpointError(f"{name} is not a SANA ControlNet: it holds {describe(tensors)}; {hint}")
+    raise CheckpointError(f"{name} is not a SANA ControlNet: it holds {describe(tensors)}; {hint}",
+                          found=kind if kind in ("transformer", "autoencoder", "text_encoder") else None)
 
 
 def detect_controlnet_config(tensors, settings: dict) -> SanaConfig:
