@@ -14,7 +14,6 @@ Imports ComfyUI only inside ComfyUI (the class is made on first use).
 """
 import functools
 
-from sana_core.autoencoder import SCALING_FACTOR
 from sana_core.checkpoints import CheckpointError
 from sana_core.controlnet import load_controlnet
 
@@ -53,20 +52,16 @@ def check_controls(control, transformer) -> None:
 def control_class():
     """comfy.controlnet.ControlBase subclass for SANA ControlNets (made once ComfyUI is importable)."""
     import comfy.controlnet
-    import comfy.latent_formats
     import comfy.model_management
-    import comfy.model_patcher
     import comfy.utils
 
-    class SanaHintFormat(comfy.latent_formats.LatentFormat):  # the scale of comfy_family.SanaLatentFormat
-        latent_channels = 32
-        scale_factor = SCALING_FACTOR
+    from .comfy_family import SanaLatentFormat
 
     class SanaControlNet(comfy.controlnet.ControlBase):
         def __init__(self, net, name, patcher):
             super().__init__()
             self.net, self.name, self.patcher = net, name, patcher  # patcher: ComfyUI loads the weights with it
-            self.latent_format = SanaHintFormat()  # Apply ControlNet then asks for a VAE
+            self.latent_format = SanaLatentFormat()  # Apply ControlNet then asks for a VAE
             self.compression_ratio = 1  # the hint image is resized to the latent's size times the VAE's ratio
 
         def pre_run(self, model, percent_to_timestep_function):
@@ -101,11 +96,11 @@ def control_class():
                 loaded = comfy.model_management.loaded_models(only_currently_used=True)
                 latent = self.vae.encode(image.movedim(1, -1))
                 comfy.model_management.load_models_gpu(loaded)  # the VAE may have evicted them (low VRAM)
-                if latent.ndim != 4 or latent.shape[1] != SanaHintFormat.latent_channels:
+                if latent.ndim != 4 or latent.shape[1] != SanaLatentFormat.latent_channels:
                     raise ValueError(f"Apply ControlNet: the vae makes {latent.shape[1]}-channel latents; the SANA "
                                      f"ControlNet '{self.name}' needs SANA's 32-channel DC-AE (SANA VAE Loader)")
-                self.cond_hint = self.latent_format.process_in(latent)
-            return self.cond_hint.to(x_noisy.device)
+                self.cond_hint = self.latent_format.process_in(latent).to(x_noisy.device)
+            return self.cond_hint
 
         def copy(self):
             c = SanaControlNet(self.net, self.name, self.patcher)
@@ -161,7 +156,7 @@ class SanaControlNetLoader:
         load_device, offload_device = h.devices("transformer")
         try:
             net = load_controlnet(path, graph=None if graph == "auto" else graph, device=offload_device,
-                                  dtype=h.dtype("transformer", "auto", load_device))
+                                  dtype=h.dtype("transformer", "auto", load_device), operations=h.operations())
         except (CheckpointError, OSError, ValueError, KeyError, RuntimeError) as e:
             raise messages.load_error(e, "controlnet", control_net_name) from e
         import comfy.model_patcher

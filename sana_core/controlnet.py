@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .checkpoints import CheckpointError, default_device, default_dtype, describe, guess_component, load_weights, \
     read_checkpoint, strip_prefix
+from .operations import reads_weights_directly
 from .transformer import (PREFIXES, Block, Caption, CaptionEmbedder, FusedTensors, RMSNorm, SanaConfig,
                           TimestepEmbedder, _parse_config, attention_heads, block_output, diffusers_to_original,
                           sincos_pos_embed)
@@ -48,24 +49,25 @@ class ControlNet(nn.Module):
     """Parameters (one naming for both layouts): x_embedder.proj (the hint's patch embedder, 1x1 conv 32 -> C),
     blocks.j (copied DiT blocks), before_proj (Linear C -> C, on the embedded hint), after_proj.j (Linear
     C -> C, on copied block j's output); the diffusers graph also has t_embedder, t_block, y_embedder and
-    attention_y_norm. config.depth is N, the number of copied blocks."""
+    attention_y_norm. config.depth is N, the number of copied blocks. operations: where the Linear and Conv2d
+    layers come from, as for SanaTransformer (ComfyUI's comfy.ops: partial low-VRAM loading; None: torch.nn)."""
 
-    def __init__(self, config: SanaConfig, graph: str, *, dtype=None, device=None):
+    def __init__(self, config: SanaConfig, graph: str, *, dtype=None, device=None, operations=None):
         super().__init__()
         if graph not in GRAPHS:
             raise ValueError(f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}")
-        cfg, kw = config, dict(dtype=dtype, device=device)
+        cfg, kw, ops = config, dict(dtype=dtype, device=device), operations or nn
         self.config, self.graph = cfg, graph
         self.x_embedder = nn.Module()
-        self.x_embedder.proj = nn.Conv2d(cfg.in_channels, cfg.width, 1, **kw)
+        self.x_embedder.proj = ops.Conv2d(cfg.in_channels, cfg.width, 1, **kw)
         if graph == DIFFUSERS:
-            self.t_embedder = TimestepEmbedder(cfg.width, **kw)
-            self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width, **kw))
-            self.y_embedder = CaptionEmbedder(cfg.caption_dim, cfg.width, **kw)
+            self.t_embedder = TimestepEmbedder(cfg.width, **kw, ops=ops)
+            self.t_block = nn.Sequential(nn.SiLU(), ops.Linear(cfg.width, 6 * cfg.width, **kw))
+            self.y_embedder = CaptionEmbedder(cfg.caption_dim, cfg.width, **kw, ops=ops)
             self.attention_y_norm = RMSNorm(cfg.width, **kw)
-        self.blocks = nn.ModuleList([Block(cfg, **kw) for _ in range(cfg.depth)])
-        self.before_proj = nn.Linear(cfg.width, cfg.width, **kw)
-        self.after_proj = nn.ModuleList([nn.Linear(cfg.width, cfg.width, **kw) for _ in range(cfg.depth)])
+        self.blocks = nn.ModuleList([Block(cfg, **kw, ops=ops) for _ in range(cfg.depth)])
+        self.before_proj = ops.Linear(cfg.width, cfg.width, **kw)
+        self.after_proj = nn.ModuleList([ops.Linear(cfg.width, cfg.width, **kw) for _ in range(cfg.depth)])
 
     @property
     def dtype(self):
@@ -85,7 +87,7 @@ class ControlNet(nn.Module):
         it drives; caption = base.encode_caption(context, mask) and context (B, T, caption_dim) the Gemma hidden
         states it was made of; strength scales what the ControlNet adds (a float or a 0-d tensor)."""
         device = caption.kv[0][0].device  # where the model computes (its weights may be partly elsewhere)
-        if self.before_proj.weight.device != device:
+        if reads_weights_directly(self.before_proj) and self.before_proj.weight.device != device:
             raise ValueError(f"the ControlNet is on {self.before_proj.weight.device}, the model computes on {device}: "
                              f"load both on one device")
         self.check_fits(base.config)
@@ -262,12 +264,13 @@ def detect_controlnet_config(tensors, settings: dict) -> SanaConfig:
         pe_interpolation=None if pe is None else float(pe), base_size=None if pe is None else settings.get("base_size"))
 
 
-def load_controlnet(path, *, graph=None, dtype=None, device=None, **hints) -> ControlNet:
+def load_controlnet(path, *, graph=None, dtype=None, device=None, operations=None, **hints) -> ControlNet:
     """Load a SANA ControlNet from an original NVlabs .pth/.safetensors (the whole model with `controlnet.*`:
     only the ControlNet's part is kept, so it drives any base model of its width) or a diffusers
     SanaControlNetModel (folder or single file). graph: None runs the graph the file's layout was trained with
     (original -> "official", diffusers -> "diffusers"); give "official" or "diffusers" for a file whose origin
-    you know better. Hints: cross_heads, self_heads (non-published widths only)."""
+    you know better. operations: the Linear / Conv2d classes to build with (ComfyUI's comfy.ops; None: torch.nn).
+    Hints: cross_heads, self_heads (non-published widths only)."""
     path = Path(path)
     if graph is not None and graph not in GRAPHS:
         raise ValueError(f"graph must be None (from the file's layout), 'official' or 'diffusers', got {graph!r}")
@@ -297,7 +300,7 @@ def load_controlnet(path, *, graph=None, dtype=None, device=None, **hints) -> Co
     log.info("%s: %s-layout ControlNet, %d blocks of width %d, %s graph", path.name, layout, config.depth,
              config.width, graph)
     with torch.device("meta"):
-        model = ControlNet(config, graph, dtype=dtype)
+        model = ControlNet(config, graph, dtype=dtype, operations=operations)
     try:
         return load_weights(model, tensors, device=device, dtype=dtype)
     except CheckpointError as e:

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import comfy.controlnet
 import comfy.model_management
-import comfy.samplers
+import comfy.ops
 import nodes as core  # ComfyUI's (tests/comfy run in its folder; conftest.py loaded ComfyUI and the pack)
 from comfy_extras.nodes_custom_sampler import CFGGuider, RandomNoise, SamplerCustomAdvanced
 from sana_core import CheckpointError
@@ -101,6 +101,10 @@ def test_loader_gives_a_control_net_running_the_files_graph_or_the_override(node
     assert isinstance(loaded["official"], comfy.controlnet.ControlBase)
     assert loaded["official"].net.graph == "official" and loaded["port"].net.graph == "diffusers"
     assert loaded["official"].net.config.depth == 1 and loaded["official"].net.config.width == 64
+    net = loaded["port"].net  # built from ComfyUI's layers, as the DiT: they cast for low-VRAM loads
+    assert isinstance(net.before_proj, comfy.ops.disable_weight_init.Linear)
+    assert isinstance(net.blocks[0].mlp.inverted_conv.conv, comfy.ops.disable_weight_init.Conv2d)
+    assert isinstance(net.t_embedder.mlp[0], comfy.ops.disable_weight_init.Linear)
 
 
 def test_apply_controlnet_under_comfyuis_loop_equals_the_library(nodes, loaded):

@@ -455,7 +455,7 @@ try {
     assert.ok(runsDone > before && runErrors.length === 0, `${name}: the run did not finish cleanly: ${runErrors.join('\n')}`)
     await sleep(500) // the last preview images arrive with execution_success
     await frame()
-    log(`${name}: ran; SanaSampler shows ${JSON.stringify(samplerStats.lines)}`)
+    log(`${name}: ran` + (samplerStats.lines ? `; SanaSampler shows ${JSON.stringify(samplerStats.lines)}` : ''))
     await checkLayout(name, 'after a run', { view: false })
     await shot(`${name}_after_run`)
     expectNoConsoleErrors(`running ${name}`)
