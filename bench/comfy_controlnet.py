@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from comfy_sampling import CFG, ROOT, SEED, STEPS, load_comfyui, timed  # noqa: E402
+from comfy_sampling import CFG, ROOT, SEED, STEPS, captions, load_comfyui, timed  # noqa: E402
 
 
 def main():
@@ -62,15 +62,8 @@ def main():
     vae = h.wrap(h.manage("autoencoder", DCAE(ae_config).to(dtype).eval().requires_grad_(False), ROOT / "random",
                           mm.vae_device(), mm.vae_offload_device()))
 
-    g = torch.Generator().manual_seed(1)
-    mask = torch.zeros(1, 300, dtype=torch.long)
-    positive_mask, negative_mask = mask.clone(), mask.clone()
-    positive_mask[:, :40], negative_mask[:, :2] = 1, 1
-    positive = [[torch.randn(1, 300, config.caption_dim, generator=g) * positive_mask[..., None],
-                 {"attention_mask": positive_mask}]]
-    negative = [[torch.randn(1, 300, config.caption_dim, generator=g) * negative_mask[..., None],
-                 {"attention_mask": negative_mask}]]
-    edges = (torch.rand(1, side, side, 3, generator=g) > 0.9).float()  # an edge map
+    positive, negative = captions(config.caption_dim)
+    edges = (torch.rand(1, side, side, 3, generator=torch.Generator().manual_seed(2)) > 0.9).float()  # an edge map
     controlled = core.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control_net, edges, 1.0, 0.0,
                                                                   1.0, vae=vae)
     latent = {"samples": torch.zeros(1, 32, side // 32, side // 32)}

@@ -34,7 +34,7 @@ def rel_err(ours, ref):
     return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def call(cls, *args, **kwargs):
+def call(cls, *args, **kwargs):  # as test_family.py's (tests/comfy modules import no other test module)
     out = getattr(cls(), cls.FUNCTION)(*args, **kwargs)
     return out["result"] if isinstance(out, dict) else out
 
