@@ -53,6 +53,17 @@ def timed(fn, reps: int, device) -> float:
     return statistics.median(times)
 
 
+def captions(caption_dim: int):
+    """Random positive (40 tokens) and negative (2 tokens) CONDITIONINGs of 300 positions, as Gemma pads them."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for tokens in (40, 2):
+        mask = torch.zeros(1, 300, dtype=torch.long)
+        mask[:, :tokens] = 1
+        out.append([[torch.randn(1, 300, caption_dim, generator=g) * mask[..., None], {"attention_mask": mask}]])
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny model at 64 px on the CPU (checks the script)")
@@ -81,14 +92,8 @@ def main():
                        mm.unet_offload_device())
     model = h.wrap(managed)
 
-    g = torch.Generator().manual_seed(1)
-    mask = torch.zeros(1, 300, dtype=torch.long)
-    positive_mask, negative_mask = mask.clone(), mask.clone()
-    positive_mask[:, :40], negative_mask[:, :2] = 1, 1
-    positive = [[torch.randn(1, 300, config.caption_dim, generator=g) * positive_mask[..., None],
-                 {"attention_mask": positive_mask}]]
-    negative = [[torch.randn(1, 300, config.caption_dim, generator=g) * negative_mask[..., None],
-                 {"attention_mask": negative_mask}]]
+    positive, negative = captions(config.caption_dim)
+    positive_mask, negative_mask = positive[0][1]["attention_mask"], negative[0][1]["attention_mask"]
     latent = {"samples": torch.zeros(1, 32, side // 32, side // 32)}
     sampler = pack.NODE_CLASS_MAPPINGS["SanaSampler"]()
 

@@ -1,6 +1,7 @@
 """ComfyUI nodes over sana_core (imported as sana_nodes). Nothing here imports ComfyUI at module
 level: the same classes run inside ComfyUI and in sana-run (see host.py)."""
 from .conditioning import SanaTextEncode
+from .controlnet import SanaControlNetLoader
 from .custom_sampling import SanaPAG, SanaSamplerSelect, SanaScheduler
 from .latent import SanaEmptyLatent
 from .loaders import SanaModelLoader, SanaTextEncoderLoader, SanaVAELoader
@@ -20,6 +21,7 @@ NODE_CLASS_MAPPINGS = {
     "SanaSamplerSelect": SanaSamplerSelect,
     "SanaScheduler": SanaScheduler,
     "SanaPAG": SanaPAG,
+    "SanaControlNetLoader": SanaControlNetLoader,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "SanaModelLoader": "SANA Model Loader",
@@ -34,4 +36,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SanaSamplerSelect": "SANA Sampler Select (SAMPLER)",
     "SanaScheduler": "SANA Scheduler (SIGMAS)",
     "SanaPAG": "SANA Perturbed-Attention Guidance",
+    "SanaControlNetLoader": "SANA ControlNet Loader",
 }

@@ -24,10 +24,12 @@ import comfy.sd
 import comfy.supported_models_base
 from sana_core import samplers
 from sana_core.autoencoder import SCALING_FACTOR
+from sana_core.controlnet import prepare_controls
 from sana_core.presets import defaults_for
 from sana_core.resolution import LATENT_FACTOR
+from sana_core.runtime import fingerprint
 
-from . import conditioning, vae
+from . import conditioning, controlnet, vae
 from .sampling import PAG_OPTION
 
 SPRINT_GUIDANCE = 4.5  # Sana-Sprint's embedded guidance when no SANA SAMPLER set one (KSampler)
@@ -94,25 +96,31 @@ class SanaDiffusionModel(torch.nn.Module):
 
     def forward(self, x, timesteps, context, attention_mask=None, control=None, transformer_options={}, **kwargs):
         """x (B, 32, h, w) scaled latent; timesteps (B,) sigma x 1000; context (B, T, 2304) Gemma-2
-        captions with attention_mask (B, T); returns the velocity (B, 32, h, w)."""
+        captions with attention_mask (B, T); control: what SANA ControlNets' get_control returned (their
+        hints, strengths: nodes/controlnet.py), given to the DiT prepared for this batch's captions; returns the
+        velocity (B, 32, h, w)."""
         config, batch = self.transformer.config, x.shape[0]
+        controls = controlnet.active_controls(control)
         scale = float(transformer_options.get(GUIDANCE_OPTION, SPRINT_GUIDANCE)) if config.sprint else None
         layers = tuple(transformer_options.get(PERTURB_OPTION, ()))
         uuids = transformer_options.get("uuids")
         key = (tuple(uuids or ()), tuple(transformer_options.get("cond_or_uncond", ())), tuple(context.shape),
-               tuple(x.shape), x.dtype, scale, layers)
+               tuple(x.shape), x.dtype, scale, layers, tuple((id(net), float(s)) for net, _, s in controls))
         step = self._steps.get(key) if uuids else None
         if step is None:
             guidance = None if scale is None else torch.full((batch,), scale, device=x.device)
             perturbed = torch.ones(batch, dtype=torch.bool, device=x.device) if layers else None
             caption = self.transformer.encode_caption(context, attention_mask, device=x.device)
+            prepared = prepare_controls(controls, self.transformer, caption, context)
 
-            def dit(x, t, caption, guidance, perturbed):
-                return self.transformer(x, t, caption, None, guidance, perturbed=perturbed, perturbed_layers=layers)
+            def dit(x, t, caption, guidance, perturbed, control):
+                return self.transformer(x, t, caption, None, guidance, perturbed=perturbed, perturbed_layers=layers,
+                                        control=control)
             if not uuids:  # no sampling run to cache for
-                return dit(x, timesteps.to(x.device), caption, guidance, perturbed)
-            step = self.runtime.graphed(dit, (caption, guidance, perturbed), module=self.transformer,
-                                        key=("comfy-dit", layers, scale is not None),
+                return dit(x, timesteps.to(x.device), caption, guidance, perturbed, prepared)
+            nets = tuple(fingerprint(net) for net, _, _ in controls)  # a graph reads their weights too
+            step = self.runtime.graphed(dit, (caption, guidance, perturbed, prepared), module=self.transformer,
+                                        key=("comfy-dit", layers, scale is not None, nets),
                                         tokens=batch * x.shape[-2] * x.shape[-1])
             if not any(set(uuids) & set(cached[0]) for cached in self._steps):
                 self._steps = {}  # a new run
@@ -132,6 +140,7 @@ class SanaModel(comfy.model_base.BaseModel):
 
     def extra_conds(self, **kwargs):
         out = super().extra_conds(**kwargs)
+        controlnet.check_controls(kwargs.get("control"), self.diffusion_model.transformer)  # before sampling
         cross_attn = kwargs.get("cross_attn")
         if cross_attn is not None:  # CONDRegular: batched only with captions of the same length, never repeated
             out["c_crossattn"] = comfy.conds.CONDRegular(cross_attn)

@@ -33,6 +33,7 @@ MODEL_FOLDERS = {
     "transformer": ("diffusion_models", "checkpoints"),
     "text_encoder": ("text_encoders",),
     "autoencoder": ("vae",),
+    "controlnet": ("controlnet",),
 }
 # ComfyUI's legacy folder names that still count (models/unet, models/clip).
 LEGACY_FOLDERS = {"diffusion_models": ("unet",), "text_encoders": ("clip",)}

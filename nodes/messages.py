@@ -6,7 +6,8 @@ from sana_core.resolution import SizeError
 
 COMPONENTS = {"transformer": ("a SANA transformer (DiT)", "SanaModelLoader", "model_name"),
               "text_encoder": ("a Gemma-2 text encoder", "SanaTextEncoderLoader", "text_encoder_name"),
-              "autoencoder": ("a DC-AE autoencoder (VAE)", "SanaVAELoader", "vae_name")}
+              "autoencoder": ("a DC-AE autoencoder (VAE)", "SanaVAELoader", "vae_name"),
+              "controlnet": ("a ControlNet", "SanaControlNetLoader", "control_net_name")}
 NEEDS = {  # loader hints (Python) a file lacks -> what a ComfyUI user can do instead
     "cross_heads": "the file does not say how many cross-attention heads its model has: use the model's diffusers "
                    "folder (with its config.json) or a published SANA file",

@@ -35,6 +35,7 @@ DEMO_MODELS = {
     "SanaModelLoader": ("model_name", "sana_demo.safetensors"),
     "SanaTextEncoderLoader": ("text_encoder_name", "gemma2_demo.safetensors"),
     "SanaVAELoader": ("vae_name", "sana_demo_dcae.safetensors"),
+    "SanaControlNetLoader": ("control_net_name", "sana_demo_controlnet.safetensors"),
 }
 DEMO_SPRINT = "sana_sprint_demo.safetensors"
 
@@ -197,11 +198,31 @@ CORE_NODES = {"SaveImage": SaveImage, "PreviewImage": PreviewImage, "LoadImage":
               "VAEEncode": VAEEncode}
 DISPLAY_NAMES = {**NODE_DISPLAY_NAME_MAPPINGS, "SaveImage": "Save Image", "PreviewImage": "Preview Image",
                  "LoadImage": "Load Image", "CLIPTextEncode": "CLIP Text Encode (Prompt)", "VAEDecode": "VAE Decode",
-                 "VAEDecodeTiled": "VAE Decode (Tiled)", "VAEEncode": "VAE Encode"}
+                 "VAEDecodeTiled": "VAE Decode (Tiled)", "VAEEncode": "VAE Encode",
+                 "ControlNetApplyAdvanced": "Apply ControlNet"}
+# ComfyUI core nodes of shipped workflows that sana-run does not run: their inputs in ComfyUI's order, so that
+# those workflows translate to the API form (ui_to_api, --to-api); running one names it (validate).
+COMFY_ONLY_INPUTS = {
+    "KSampler": {"model": "MODEL", "seed": "INT", "steps": "INT", "cfg": "FLOAT", "sampler_name": "COMBO",
+                 "scheduler": "COMBO", "positive": "CONDITIONING", "negative": "CONDITIONING",
+                 "latent_image": "LATENT", "denoise": "FLOAT"},
+    "Canny": {"image": "IMAGE", "low_threshold": "FLOAT", "high_threshold": "FLOAT"},
+    "ControlNetApplyAdvanced": {"positive": "CONDITIONING", "negative": "CONDITIONING", "control_net": "CONTROL_NET",
+                                "image": "IMAGE", "strength": "FLOAT", "start_percent": "FLOAT",
+                                "end_percent": "FLOAT", "vae": "VAE"},
+}
 
 
 def node_classes() -> dict:
     return {**NODE_CLASS_MAPPINGS, **CORE_NODES}
+
+
+def translatable_classes() -> dict:
+    """node_classes() and the input lists of COMFY_ONLY_INPUTS' nodes."""
+    comfy_only = {name: type(name, (), {"INPUT_TYPES": classmethod(
+        lambda cls, inputs=inputs: {"required": {n: (k, {}) for n, k in inputs.items()}})})
+        for name, inputs in COMFY_ONLY_INPUTS.items()}
+    return {**node_classes(), **comfy_only}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +256,7 @@ def widget_slots(name: str, kind, options: dict) -> int:
 def ui_to_api(workflow: dict, classes: dict | None = None) -> dict:
     """A UI-form workflow (what the editor saves: nodes, links, positional widgets_values) as the
     API form ComfyUI's /prompt takes: {id: {"class_type", "inputs", "_meta": {"title"}}}."""
-    classes = classes or node_classes()
+    classes = classes or translatable_classes()
     nodes = {str(n["id"]): n for n in workflow["nodes"]}
     links = {link[0]: link for link in workflow.get("links", [])}  # id, from, from_slot, to, to_slot, type
 

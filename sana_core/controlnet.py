@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .checkpoints import CheckpointError, default_device, default_dtype, describe, guess_component, load_weights, \
     read_checkpoint, strip_prefix
+from .operations import reads_weights_directly
 from .transformer import (PREFIXES, Block, Caption, CaptionEmbedder, FusedTensors, RMSNorm, SanaConfig,
                           TimestepEmbedder, _parse_config, attention_heads, block_output, diffusers_to_original,
                           sincos_pos_embed)
@@ -48,24 +49,25 @@ class ControlNet(nn.Module):
     """Parameters (one naming for both layouts): x_embedder.proj (the hint's patch embedder, 1x1 conv 32 -> C),
     blocks.j (copied DiT blocks), before_proj (Linear C -> C, on the embedded hint), after_proj.j (Linear
     C -> C, on copied block j's output); the diffusers graph also has t_embedder, t_block, y_embedder and
-    attention_y_norm. config.depth is N, the number of copied blocks."""
+    attention_y_norm. config.depth is N, the number of copied blocks. operations: where the Linear and Conv2d
+    layers come from, as for SanaTransformer (ComfyUI's comfy.ops: partial low-VRAM loading; None: torch.nn)."""
 
-    def __init__(self, config: SanaConfig, graph: str, *, dtype=None, device=None):
+    def __init__(self, config: SanaConfig, graph: str, *, dtype=None, device=None, operations=None):
         super().__init__()
         if graph not in GRAPHS:
             raise ValueError(f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}")
-        cfg, kw = config, dict(dtype=dtype, device=device)
+        cfg, kw, ops = config, dict(dtype=dtype, device=device), operations or nn
         self.config, self.graph = cfg, graph
         self.x_embedder = nn.Module()
-        self.x_embedder.proj = nn.Conv2d(cfg.in_channels, cfg.width, 1, **kw)
+        self.x_embedder.proj = ops.Conv2d(cfg.in_channels, cfg.width, 1, **kw)
         if graph == DIFFUSERS:
-            self.t_embedder = TimestepEmbedder(cfg.width, **kw)
-            self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width, **kw))
-            self.y_embedder = CaptionEmbedder(cfg.caption_dim, cfg.width, **kw)
+            self.t_embedder = TimestepEmbedder(cfg.width, **kw, ops=ops)
+            self.t_block = nn.Sequential(nn.SiLU(), ops.Linear(cfg.width, 6 * cfg.width, **kw))
+            self.y_embedder = CaptionEmbedder(cfg.caption_dim, cfg.width, **kw, ops=ops)
             self.attention_y_norm = RMSNorm(cfg.width, **kw)
-        self.blocks = nn.ModuleList([Block(cfg, **kw) for _ in range(cfg.depth)])
-        self.before_proj = nn.Linear(cfg.width, cfg.width, **kw)
-        self.after_proj = nn.ModuleList([nn.Linear(cfg.width, cfg.width, **kw) for _ in range(cfg.depth)])
+        self.blocks = nn.ModuleList([Block(cfg, **kw, ops=ops) for _ in range(cfg.depth)])
+        self.before_proj = ops.Linear(cfg.width, cfg.width, **kw)
+        self.after_proj = nn.ModuleList([ops.Linear(cfg.width, cfg.width, **kw) for _ in range(cfg.depth)])
 
     @property
     def dtype(self):
@@ -84,27 +86,29 @@ class ControlNet(nn.Module):
         hint (1 or B, 32, h, w) DC-AE latent scaled as the DiT's input (encode_hint); base the SanaTransformer
         it drives; caption = base.encode_caption(context, mask) and context (B, T, caption_dim) the Gemma hidden
         states it was made of; strength scales what the ControlNet adds (a float or a 0-d tensor)."""
-        self.check_base(base)
+        device = caption.kv[0][0].device  # where the model computes (its weights may be partly elsewhere)
+        if reads_weights_directly(self.before_proj) and self.before_proj.weight.device != device:
+            raise ValueError(f"the ControlNet is on {self.before_proj.weight.device}, the model computes on {device}: "
+                             f"load both on one device")
+        self.check_fits(base.config)
         B = context.shape[0]
         if hint.ndim != 4 or hint.shape[1] != self.config.in_channels or hint.shape[0] not in (1, B):
             raise ValueError(f"the ControlNet hint has shape {list(hint.shape)}; expected [1 or {B}, "
                              f"{self.config.in_channels}, h, w] (the hint image encoded by the DC-AE: encode_hint)")
-        hint = self.before_proj(self.embed(hint.to(base.device))).expand(B, -1, -1)  # (B, N, C)
+        hint = self.before_proj(self.embed(hint.to(device))).expand(B, -1, -1)  # (B, N, C)
         if self.graph == OFFICIAL:  # the copied blocks attend to the base model's caption embedding
-            y = base.attention_y_norm(base.y_embedder(context.to(base.device, base.dtype))).to(self.dtype)
+            y = base.attention_y_norm(base.y_embedder(context.to(device, base.dtype))).to(self.dtype)
         else:
-            y = self.attention_y_norm(self.y_embedder(context.to(base.device, self.dtype)))
+            y = self.attention_y_norm(self.y_embedder(context.to(device, self.dtype)))
         kv = tuple(block.cross_attn.caption_kv(y) for block in self.blocks)
-        strength = strength.to(base.device, torch.float32) if isinstance(strength, torch.Tensor) else \
-            torch.full((), float(strength), device=base.device)  # a fill, not a host copy: prepare may run in a graph
+        strength = strength.to(device, torch.float32) if isinstance(strength, torch.Tensor) else \
+            torch.full((), float(strength), device=device)  # a fill, not a host copy: prepare may run in a graph
         return Control(self, hint, kv, caption.keep, strength)
 
-    def check_base(self, base) -> None:
-        """A clear error when this ControlNet cannot drive `base` (another width, too few blocks)."""
-        cfg, bcfg = self.config, base.config
-        if self.before_proj.weight.device != base.device:
-            raise ValueError(f"the ControlNet is on {self.before_proj.weight.device}, the model on {base.device}: "
-                             f"load both on one device")
+    def check_fits(self, bcfg: SanaConfig) -> None:
+        """A clear error when this ControlNet cannot drive a model of config `bcfg` (another width, too few
+        blocks)."""
+        cfg = self.config
         if cfg.width != bcfg.width:
             raise ValueError(f"this ControlNet was made for SANA models of width {cfg.width} ({_size(cfg.width)}); "
                              f"the model is {bcfg.variant} (width {bcfg.width}): use the ControlNet made for it")
@@ -237,7 +241,8 @@ def _layout(tensors: dict, name: str) -> str:
             "autoencoder": "load it with load_autoencoder (the VAE loader)",
             "text_encoder": "load it with load_text_encoder (the text-encoder loader)",
             "controlnet": "it is a ControlNet of another model family"}.get(kind, "it is no SANA component")
-    raise CheckpointError(f"{name} is not a SANA ControlNet: it holds {describe(tensors)}; {hint}")
+    raise CheckpointError(f"{name} is not a SANA ControlNet: it holds {describe(tensors)}; {hint}",
+                          found=kind if kind in ("transformer", "autoencoder", "text_encoder") else None)
 
 
 def detect_controlnet_config(tensors, settings: dict) -> SanaConfig:
@@ -259,12 +264,13 @@ def detect_controlnet_config(tensors, settings: dict) -> SanaConfig:
         pe_interpolation=None if pe is None else float(pe), base_size=None if pe is None else settings.get("base_size"))
 
 
-def load_controlnet(path, *, graph=None, dtype=None, device=None, **hints) -> ControlNet:
+def load_controlnet(path, *, graph=None, dtype=None, device=None, operations=None, **hints) -> ControlNet:
     """Load a SANA ControlNet from an original NVlabs .pth/.safetensors (the whole model with `controlnet.*`:
     only the ControlNet's part is kept, so it drives any base model of its width) or a diffusers
     SanaControlNetModel (folder or single file). graph: None runs the graph the file's layout was trained with
     (original -> "official", diffusers -> "diffusers"); give "official" or "diffusers" for a file whose origin
-    you know better. Hints: cross_heads, self_heads (non-published widths only)."""
+    you know better. operations: the Linear / Conv2d classes to build with (ComfyUI's comfy.ops; None: torch.nn).
+    Hints: cross_heads, self_heads (non-published widths only)."""
     path = Path(path)
     if graph is not None and graph not in GRAPHS:
         raise ValueError(f"graph must be None (from the file's layout), 'official' or 'diffusers', got {graph!r}")
@@ -294,7 +300,7 @@ def load_controlnet(path, *, graph=None, dtype=None, device=None, **hints) -> Co
     log.info("%s: %s-layout ControlNet, %d blocks of width %d, %s graph", path.name, layout, config.depth,
              config.width, graph)
     with torch.device("meta"):
-        model = ControlNet(config, graph, dtype=dtype)
+        model = ControlNet(config, graph, dtype=dtype, operations=operations)
     try:
         return load_weights(model, tensors, device=device, dtype=dtype)
     except CheckpointError as e:

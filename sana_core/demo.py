@@ -10,14 +10,46 @@ def write_demo_transformer(path: Path, *, sprint: bool = False, seed: int = 0) -
     """A tiny SANA DiT (original NVlabs key names) as .safetensors at `path`."""
     from safetensors.torch import save_file
 
-    from .transformer import SanaConfig, config_metadata, random_state_dict
+    from .transformer import config_metadata, random_state_dict
 
-    # 2 blocks of width 64: 2 self-attention heads of 32, 2 cross-attention heads of 32;
-    # the Sprint demo has the guidance embedder and q/k norm, as Sana-Sprint does.
-    config = SanaConfig(depth=2, width=64, caption_dim=DEMO_CAPTION_DIM, self_heads=2, cross_heads=2,
-                        mlp_hidden=160, qk_norm=sprint, sprint=sprint)
+    config = _demo_config(sprint)
     path = Path(path)
     save_file(random_state_dict(config, seed=seed), str(path), metadata=config_metadata(config))
+    return path
+
+
+def _demo_config(sprint: bool = False):
+    """2 blocks of width 64: 2 self-attention heads of 32, 2 cross-attention heads of 32; the Sprint demo has
+    the guidance embedder and q/k norm, as Sana-Sprint does."""
+    from .transformer import SanaConfig
+    return SanaConfig(depth=2, width=64, caption_dim=DEMO_CAPTION_DIM, self_heads=2, cross_heads=2, mlp_hidden=160,
+                      qk_norm=sprint, sprint=sprint)
+
+
+def write_demo_controlnet(path: Path, *, seed: int = 1) -> Path:
+    """A tiny SANA ControlNet for the demo DiT, as NVlabs saves one (the official HED files): the whole model (the
+    demo DiT's weights) plus one copied block `controlnet.0.copied_block.*` and its projections
+    `controlnet.0.before_proj` / `after_proj`, random (zero when training starts; zero would add nothing), as
+    .safetensors at `path`."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import save_file
+
+    from .transformer import config_metadata, random_state_dict
+
+    config = _demo_config()
+    tensors = random_state_dict(config)  # the base it was trained on: the demo DiT (seed 0)
+    copied = random_state_dict(dataclasses.replace(config, depth=1), seed=seed)
+    tensors.update({"controlnet.0.copied_block." + k[len("blocks.0."):]: v for k, v in copied.items()
+                    if k.startswith("blocks.0.")})
+    g, C = torch.Generator().manual_seed(seed), config.width
+    for name in ("before_proj", "after_proj"):
+        tensors[f"controlnet.0.{name}.weight"] = torch.randn(C, C, generator=g) / C ** 0.5
+        tensors[f"controlnet.0.{name}.bias"] = 0.1 * torch.randn(C, generator=g)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=config_metadata(config))
     return path
 
 
@@ -91,13 +123,14 @@ def write_demo_text_encoder(path: Path, *, seed: int = 0) -> Path:
 
 
 def write_demo_models(folder: Path) -> dict:
-    """All three in ComfyUI's folder layout under `folder`; returns their paths."""
+    """All of them in ComfyUI's folder layout under `folder`; returns their paths."""
     folder = Path(folder)
     paths = {
         "transformer": folder / "diffusion_models" / "sana_demo.safetensors",
         "autoencoder": folder / "vae" / "sana_demo_dcae.safetensors",
         "text_encoder": folder / "text_encoders" / "gemma2_demo.safetensors",
         "sprint": folder / "diffusion_models" / "sana_sprint_demo.safetensors",
+        "controlnet": folder / "controlnet" / "sana_demo_controlnet.safetensors",
     }
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +138,7 @@ def write_demo_models(folder: Path) -> dict:
     write_demo_transformer(paths["sprint"], sprint=True)
     write_demo_autoencoder(paths["autoencoder"])
     write_demo_text_encoder(paths["text_encoder"])
+    write_demo_controlnet(paths["controlnet"])
     return paths
 
 

@@ -38,6 +38,7 @@ EXPECTED_INPUTS = {
     "SanaSamplerSelect": ["sampler", "guidance"],
     "SanaScheduler": ["model", "sampler", "steps", "flow_shift", "denoise"],
     "SanaPAG": ["model", "scale", "layers"],
+    "SanaControlNetLoader": ["control_net_name", "graph"],
 }
 # Round 1's SANA_* socket types are retired: the loaders give ComfyUI's own.
 CORE_TYPES = {"SanaModelLoader": ("MODEL",), "SanaTextEncoderLoader": ("CLIP",), "SanaVAELoader": ("VAE",)}
@@ -110,6 +111,14 @@ def test_node_definitions_are_complete():
     every_type = [spec[0] for cls in NODE_CLASS_MAPPINGS.values() for section in cls.INPUT_TYPES().values()
                   for spec in section.values()] + [t for cls in NODE_CLASS_MAPPINGS.values() for t in cls.RETURN_TYPES]
     assert not [t for t in every_type if isinstance(t, str) and t.startswith("SANA_")]
+
+
+def test_the_controlnet_loader_outside_comfyui_says_where_it_runs(local):
+    """Its CONTROL_NET is for ComfyUI's Apply ControlNet, which sana-run does not stand in for."""
+    loader = NODE_CLASS_MAPPINGS["SanaControlNetLoader"]
+    assert loader.INPUT_TYPES()["required"]["control_net_name"][0] == ["sana_demo_controlnet.safetensors"]
+    with pytest.raises(RuntimeError, match="SANA ControlNet Loader: .*run this workflow in ComfyUI"):
+        run(loader, control_net_name="sana_demo_controlnet.safetensors", graph="auto")
 
 
 # -- model files -------------------------------------------------------------------------------
@@ -378,6 +387,8 @@ def test_runner_errors_are_clear(models, tmp_path, capsys):
            f"{models / 'diffusion_models'}" in attempt(workflow)
     unknown = dict(workflow, **{"99": {"class_type": "KSampler", "inputs": {}}})
     assert "node 99 (KSampler): sana-run cannot stand in for this node" in attempt(unknown, "--demo")
+    controlnet = json.loads((ROOT / "workflows" / "api" / "sana_controlnet_edges.json").read_text())
+    assert "node 8 (Canny): sana-run cannot stand in for this node" in attempt(controlnet, "--demo")
     missing = json.loads(json.dumps(workflow))
     del missing["8"]["inputs"]["positive"]
     assert "node 8 (SanaSampler) is missing its required input 'positive' (CONDITIONING)" in attempt(missing, "--demo")

@@ -27,6 +27,16 @@ CORE_SPEC = {
                        "widgets": [("tile_size", "INT", 1), ("overlap", "INT", 1), ("temporal_size", "INT", 1),
                                    ("temporal_overlap", "INT", 1)], "outputs": ["IMAGE"]},
     "VAEEncode": {"sockets": {"pixels": "IMAGE", "vae": "VAE"}, "widgets": [], "outputs": ["LATENT"]},
+    "KSampler": {"sockets": {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING",
+                             "latent_image": "LATENT"},
+                 "widgets": [("seed", "INT", 2), ("steps", "INT", 1), ("cfg", "FLOAT", 1), ("sampler_name", "COMBO", 1),
+                             ("scheduler", "COMBO", 1), ("denoise", "FLOAT", 1)], "outputs": ["LATENT"]},
+    "Canny": {"sockets": {"image": "IMAGE"}, "widgets": [("low_threshold", "FLOAT", 1), ("high_threshold", "FLOAT", 1)],
+              "outputs": ["IMAGE"]},
+    "ControlNetApplyAdvanced": {"sockets": {"positive": "CONDITIONING", "negative": "CONDITIONING",
+                                            "control_net": "CONTROL_NET", "image": "IMAGE", "vae": "VAE"},
+                                "widgets": [("strength", "FLOAT", 1), ("start_percent", "FLOAT", 1),
+                                            ("end_percent", "FLOAT", 1)], "outputs": ["CONDITIONING", "CONDITIONING"]},
 }
 SEED_CONTROLS = ("fixed", "increment", "decrement", "randomize")
 # Model files the workflows name: the published releases (see README).
@@ -34,6 +44,7 @@ PUBLISHED_MODELS = {
     "SanaModelLoader": {"Sana_1600M_1024px_BF16.pth", "Sana_1600M_4Kpx_BF16.pth", "Sana_Sprint_1.6B_1024px.pth"},
     "SanaTextEncoderLoader": {"gemma-2-2b-it"},
     "SanaVAELoader": {"dc-ae-f32c32-sana-1.1-diffusers"},
+    "SanaControlNetLoader": {"Sana_1600M_1024px_BF16_ControlNet_HED.pth"},
 }
 
 
@@ -78,11 +89,11 @@ def check_value(node, name, kind, options, value):
                 assert value in choices, f"{where}: {value!r} is not one of the node's choices"
 
 
-def test_there_are_four_workflows_in_both_forms():
+def test_there_are_five_workflows_in_both_forms():
     names = {p.name for p in UI_WORKFLOWS}
     assert names == {p.name for p in API_WORKFLOWS}
     assert names == {"sana_1024_text_to_image.json", "sana_4096_tiled_decode.json", "sana_sprint_2_steps.json",
-                     "sana_image_to_image.json"}
+                     "sana_image_to_image.json", "sana_controlnet_edges.json"}
 
 
 def test_runner_core_nodes_have_comfyui_inputs():
@@ -167,6 +178,18 @@ def test_workflows_are_the_documented_recipes():
     assert s["latent_image"] == [encode, 0]
     assert api[api[encode]["inputs"]["pixels"][0]]["class_type"] == "LoadImage"
 
+    api = json.loads((ROOT / "workflows" / "api" / "sana_controlnet_edges.json").read_text())
+    ksampler = next(n["inputs"] for n in api.values() if n["class_type"] == "KSampler")
+    apply = api[ksampler["positive"][0]]
+    assert apply["class_type"] == "ControlNetApplyAdvanced" and ksampler["negative"] == [ksampler["positive"][0], 1]
+    assert api[apply["inputs"]["control_net"][0]]["class_type"] == "SanaControlNetLoader"
+    assert api[apply["inputs"]["vae"][0]]["class_type"] == "SanaVAELoader"
+    canny = api[apply["inputs"]["image"][0]]
+    assert canny["class_type"] == "Canny" and api[canny["inputs"]["image"][0]]["class_type"] == "LoadImage"
+    note, = (n for n in json.loads((ROOT / "workflows" / "sana_controlnet_edges.json").read_text())["nodes"]
+             if n["type"] == "MarkdownNote")
+    assert "HED" in note["widgets_values"][0] and "Canny is a stand-in" in note["widgets_values"][0]
+
 
 def _node(id_, type_, widgets, inputs=(), outputs=(), mode=0):
     return {"id": id_, "type": type_, "mode": mode, "widgets_values": widgets,
@@ -195,5 +218,5 @@ def test_ui_to_api_positional_widgets_links_reroutes_and_bypass():
                                   "flow_shift": 0.0, "sampler": "flow_euler", "denoise": 1.0}
     assert api["5"]["inputs"] == {"images": ["3", 0], "filename_prefix": "x"}
     assert api["3"]["_meta"]["title"] == "SANA Sampler"
-    with pytest.raises(WorkflowError, match="KSampler"):
-        ui_to_api({"nodes": [_node(1, "KSampler", [])], "links": []})
+    with pytest.raises(WorkflowError, match="KSamplerAdvanced"):
+        ui_to_api({"nodes": [_node(1, "KSamplerAdvanced", [])], "links": []})

@@ -63,7 +63,8 @@ class ComfyUIServer:
             (self.base / sub).mkdir()
         (self.base / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
         config = self.base / "extra_model_paths.yaml"
-        folders = "\n".join(f"    {f}: {f}" for f in ("diffusion_models", "checkpoints", "text_encoders", "vae"))
+        folders = "\n".join(f"    {f}: {f}" for f in ("diffusion_models", "checkpoints", "text_encoders", "vae",
+                                                             "controlnet"))
         config.write_text(f"sana_e2e:\n    base_path: {self.models_dir}\n{folders}\n")
         self.log_path = self.base / "comfyui.log"
         command = [self.python, str(self.comfyui_dir / "main.py"), "--cpu", "--listen", "127.0.0.1",
