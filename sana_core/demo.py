@@ -91,13 +91,14 @@ def write_demo_text_encoder(path: Path, *, seed: int = 0) -> Path:
 
 
 def write_demo_models(folder: Path) -> dict:
-    """All three in ComfyUI's folder layout under `folder`; returns their paths."""
+    """All three (and a LoRA for the DiT) in ComfyUI's folder layout under `folder`; returns their paths."""
     folder = Path(folder)
     paths = {
         "transformer": folder / "diffusion_models" / "sana_demo.safetensors",
         "autoencoder": folder / "vae" / "sana_demo_dcae.safetensors",
         "text_encoder": folder / "text_encoders" / "gemma2_demo.safetensors",
         "sprint": folder / "diffusion_models" / "sana_sprint_demo.safetensors",
+        "lora": folder / "loras" / "sana_demo_lora.safetensors",
     }
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +106,7 @@ def write_demo_models(folder: Path) -> dict:
     write_demo_transformer(paths["sprint"], sprint=True)
     write_demo_autoencoder(paths["autoencoder"])
     write_demo_text_encoder(paths["text_encoder"])
+    write_demo_lora(paths["lora"])
     return paths
 
 

@@ -34,6 +34,7 @@ PUBLISHED_MODELS = {
     "SanaModelLoader": {"Sana_1600M_1024px_BF16.pth", "Sana_1600M_4Kpx_BF16.pth", "Sana_Sprint_1.6B_1024px.pth"},
     "SanaTextEncoderLoader": {"gemma-2-2b-it"},
     "SanaVAELoader": {"dc-ae-f32c32-sana-1.1-diffusers"},
+    "SanaLoraLoader": {"sana_lora.safetensors"},  # the user's own LoRA (the workflow's note says so)
 }
 
 
@@ -78,11 +79,11 @@ def check_value(node, name, kind, options, value):
                 assert value in choices, f"{where}: {value!r} is not one of the node's choices"
 
 
-def test_there_are_four_workflows_in_both_forms():
+def test_there_are_five_workflows_in_both_forms():
     names = {p.name for p in UI_WORKFLOWS}
     assert names == {p.name for p in API_WORKFLOWS}
     assert names == {"sana_1024_text_to_image.json", "sana_4096_tiled_decode.json", "sana_sprint_2_steps.json",
-                     "sana_image_to_image.json"}
+                     "sana_image_to_image.json", "sana_lora.json"}
 
 
 def test_runner_core_nodes_have_comfyui_inputs():
@@ -166,6 +167,10 @@ def test_workflows_are_the_documented_recipes():
     encode = next(i for i, n in api.items() if n["class_type"] == "SanaVAEEncode")
     assert s["latent_image"] == [encode, 0]
     assert api[api[encode]["inputs"]["pixels"][0]]["class_type"] == "LoadImage"
+    api, s = sampler("sana_lora.json")
+    lora = api[s["model"][0]]
+    assert lora["class_type"] == "SanaLoraLoader" and lora["inputs"]["strength_model"] == 1.0
+    assert api[lora["inputs"]["model"][0]]["class_type"] == "SanaModelLoader"
 
 
 def _node(id_, type_, widgets, inputs=(), outputs=(), mode=0):
