@@ -105,6 +105,8 @@ def test_core_lora_loader_model_only_reads_a_lora_extracted_by_comfyui(loaded, m
     assert changed and all(torch.equal(by_core[k], original[k]) for k in by_core if k not in changed)
     # the extracted updates (fp16 factors of a truncated SVD, clamped at ComfyUI's 99% quantile) approximate the LoRA's
     assert all(rel_err(by_core[k] - original[k], expected[k] - original[k]) < 0.5 for k in changed)
+    core_model, = core.LoraLoaderModelOnly().load_lora_model_only(model, DEMO_LORA, 1.0)
+    assert not core_model.patches  # a trainer's file (diffusers names): the core loader applies nothing
 
 
 class GraphStandIn(cg.CapturedCall):
