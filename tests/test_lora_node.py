@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from sana_core import load_transformer
 from sana_core.checkpoints import CheckpointError
-from sana_core.demo import write_demo_lora
+from sana_core.demo import write_demo_lora, write_demo_models
 from sana_core.lora import apply_lora
 from sana_nodes import host, runner
 from sana_nodes.conditioning import SanaTextEncode
@@ -21,21 +21,17 @@ from sana_nodes.latent import SanaEmptyLatent
 from sana_nodes.loaders import SanaModelLoader, SanaTextEncoderLoader, SanaVAELoader
 from sana_nodes.lora import SanaLoraLoader
 from sana_nodes.sampling import SanaSampler
+from test_nodes import run
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_LORA = "sana_demo_lora.safetensors"
-
-
-def run(cls, **inputs):
-    out = getattr(cls(), cls.FUNCTION)(**inputs)
-    return out["result"] if isinstance(out, dict) else out
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """The demo models (with the demo LoRA), a second LoRA, and files that must be refused."""
     folder = tmp_path_factory.mktemp("models")
-    assert runner.main(["--write-demo-models", str(folder)]) == 0
+    write_demo_models(folder)
     loras = folder / "loras"
     write_demo_lora(loras / "second.safetensors", rank=2, alpha=3.0, seed=5)
     write_demo_lora(loras / "narrow.safetensors", width=32)  # for a SANA model of another width

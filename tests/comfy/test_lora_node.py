@@ -18,17 +18,9 @@ from sana_core.demo import write_demo_lora
 from sana_core.lora import apply_lora
 from sana_core.transformer import SanaTransformer
 from sana_nodes import host
+from test_family import call, rel_err
 
 DEMO_LORA = "sana_demo_lora.safetensors"
-
-
-def rel_err(ours, ref):
-    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def call(cls, *args, **kwargs):
-    out = getattr(cls(), cls.FUNCTION)(*args, **kwargs)
-    return out["result"] if isinstance(out, dict) else out
 
 
 @pytest.fixture(scope="module")
