@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from comfy_sampling import CFG, ROOT, SEED, STEPS, load_comfyui, timed
+from comfy_sampling import CFG, ROOT, SEED, STEPS, load_comfyui, random_model, timed
 
 
 def main():
@@ -34,20 +34,10 @@ def main():
     import nodes as core
     from sana_core.demo import write_demo_lora
     from sana_core.lora import read_lora_file
-    from sana_core.transformer import CONFIGS, SanaConfig, SanaTransformer, random_state_dict
     from sana_nodes import host
 
     h, device = host.current(), mm.get_torch_device()
-    if args.tiny:
-        config, side, dtype = SanaConfig(depth=2, width=64, caption_dim=64, self_heads=2, cross_heads=2,
-                                         mlp_hidden=160), 64, torch.float32
-    else:
-        config, side, dtype = CONFIGS["sana-1.6b"], 1024, torch.bfloat16
-    with torch.device("meta"):
-        dit = SanaTransformer(config, dtype=dtype)
-    dit.load_state_dict(random_state_dict(config, seed=0, dtype=dtype), assign=True)
-    model = h.wrap(h.manage("transformer", dit.eval().requires_grad_(False), ROOT / "random", device,
-                            mm.unet_offload_device()))
+    model, _, config, side, dtype = random_model(args.tiny)
     with tempfile.TemporaryDirectory() as tmp:  # train_dreambooth_lora_sana.py's targets: q/k/v of both attentions
         path = write_demo_lora(Path(tmp) / "lora.safetensors", depth=config.depth, width=config.width,
                                rank=args.rank)
