@@ -38,6 +38,27 @@ def load_comfyui(comfyui_dir: Path, cpu: bool):
     return pack
 
 
+def random_model(tiny: bool):
+    """(MODEL, its host.ManagedModel, config, image side, dtype): a random-weight SANA DiT (the 1.6B at 1024 px in
+    bf16, or a tiny one at 64 px in float32) managed by the host on ComfyUI's torch device."""
+    import comfy.model_management as mm
+    from sana_core.transformer import CONFIGS, SanaConfig, SanaTransformer, random_state_dict
+    from sana_nodes import host
+
+    h = host.current()
+    if tiny:
+        config, side, dtype = SanaConfig(depth=2, width=64, caption_dim=64, self_heads=2, cross_heads=2,
+                                         mlp_hidden=160), 64, torch.float32
+    else:
+        config, side, dtype = CONFIGS["sana-1.6b"], 1024, torch.bfloat16
+    with torch.device("meta"):
+        dit = SanaTransformer(config, dtype=dtype)
+    dit.load_state_dict(random_state_dict(config, seed=0, dtype=dtype), assign=True)
+    managed = h.manage("transformer", dit.eval().requires_grad_(False), ROOT / "random", mm.get_torch_device(),
+                       mm.unet_offload_device())
+    return h.wrap(managed), managed, config, side, dtype
+
+
 def timed(fn, reps: int, device) -> float:
     """Median wall time (ms) of fn() after one warm-up call."""
     fn()
@@ -75,22 +96,11 @@ def main():
     import comfy.model_management as mm
     import nodes as core
     from sana_core.guidance import sample_latents
-    from sana_core.transformer import CONFIGS, SanaConfig, SanaTransformer, random_state_dict
     from sana_nodes import host
 
     h = host.current()
     device = mm.get_torch_device()
-    if args.tiny:
-        config, side, dtype = SanaConfig(depth=2, width=64, caption_dim=64, self_heads=2, cross_heads=2,
-                                         mlp_hidden=160), 64, torch.float32
-    else:
-        config, side, dtype = CONFIGS["sana-1.6b"], 1024, torch.bfloat16
-    with torch.device("meta"):
-        dit = SanaTransformer(config, dtype=dtype)
-    dit.load_state_dict(random_state_dict(config, seed=0, dtype=dtype), assign=True)
-    managed = h.manage("transformer", dit.eval().requires_grad_(False), ROOT / "random", device,
-                       mm.unet_offload_device())
-    model = h.wrap(managed)
+    model, managed, config, side, dtype = random_model(args.tiny)
 
     positive, negative = captions(config.caption_dim)
     positive_mask, negative_mask = positive[0][1]["attention_mask"], negative[0][1]["attention_mask"]

@@ -12,7 +12,8 @@ export const BIN_SIDES = [512, 1024, 2048, 4096] // the four bins, named by the 
 export const LOADER_FOLDERS = {
   SanaModelLoader: ['diffusion_models', 'checkpoints'],
   SanaTextEncoderLoader: ['text_encoders'],
-  SanaVAELoader: ['vae']
+  SanaVAELoader: ['vae'],
+  SanaLoraLoader: ['loras']
 }
 
 /** Nearest multiple of 32 to `value`, kept inside [min, max] (themselves rounded inward to multiples of 32). */

@@ -5,6 +5,7 @@ from .controlnet import SanaControlNetLoader
 from .custom_sampling import SanaPAG, SanaSamplerSelect, SanaScheduler
 from .latent import SanaEmptyLatent
 from .loaders import SanaModelLoader, SanaTextEncoderLoader, SanaVAELoader
+from .lora import SanaLoraLoader
 from .sampling import SanaSampler
 from .vae import SanaVAEDecode, SanaVAEDecodeTiled, SanaVAEEncode
 
@@ -22,6 +23,7 @@ NODE_CLASS_MAPPINGS = {
     "SanaScheduler": SanaScheduler,
     "SanaPAG": SanaPAG,
     "SanaControlNetLoader": SanaControlNetLoader,
+    "SanaLoraLoader": SanaLoraLoader,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "SanaModelLoader": "SANA Model Loader",
@@ -37,4 +39,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SanaScheduler": "SANA Scheduler (SIGMAS)",
     "SanaPAG": "SANA Perturbed-Attention Guidance",
     "SanaControlNetLoader": "SANA ControlNet Loader",
+    "SanaLoraLoader": "SANA LoRA Loader",
 }

@@ -28,12 +28,13 @@ from sana_core.runtime import Runtime
 
 log = logging.getLogger("sana_nodes")
 
-# The ComfyUI folders each component is looked up in, in order (the DiT also in checkpoints).
+# The ComfyUI folders each component (and the DiT's LoRAs) is looked up in, in order (the DiT also in checkpoints).
 MODEL_FOLDERS = {
     "transformer": ("diffusion_models", "checkpoints"),
     "text_encoder": ("text_encoders",),
     "autoencoder": ("vae",),
     "controlnet": ("controlnet",),
+    "lora": ("loras",),
 }
 # ComfyUI's legacy folder names that still count (models/unet, models/clip).
 LEGACY_FOLDERS = {"diffusion_models": ("unet",), "text_encoders": ("clip",)}
@@ -81,6 +82,7 @@ class ManagedModel:
         self.load_device, self.offload_device = _exact(load_device), _exact(offload_device)
         self.patcher = patcher
         self.offload_after_use = False  # the text encoder's "gpu, offload after encoding"
+        self.loras = ()  # outside ComfyUI, the DiT's LoRAs [(sana_core.lora.Lora, strength)], merged by ready()
 
     @property
     def name(self) -> str:
@@ -242,13 +244,23 @@ class LocalHost:
         patched.model_options = {"transformer_options": {"sana_pag": {"scale": scale, "layers": layers}}}
         return patched
 
+    def lora_patch(self, model: ManagedModel, name: str, tensors: dict, metadata: dict, strength: float) -> ManagedModel:
+        """The stand-in MODEL with one more LoRA, merged into the DiT's weights when it computes (load)."""
+        from sana_core.lora import read_lora
+        patched = copy.copy(model)
+        patched.loras = model.loras + ((read_lora(name, model.model, tensors=tensors, metadata=metadata), strength),)
+        return patched
+
     def load(self, models, memory_required: int = 0) -> None:
+        from sana_core.lora import set_loras
         for m in models:
             module = module_of(m.model)
             first = next(iter(module.parameters()), None)
             if first is not None and first.device != m.load_device:
                 module.to(m.load_device)
                 _weights_moved(m.model, self.runtime)
+            if m.kind == "transformer":  # this MODEL's LoRAs, in place: captured graphs stay valid
+                set_loras(m.model, m.loras)
 
     def unload(self, m: ManagedModel) -> None:
         module_of(m.model).to(m.offload_device)
@@ -380,6 +392,13 @@ class ComfyHost:
 
     def pag_patch(self, model, scale: float, layers: tuple):
         return self.family.pag_patch(model, scale, layers)
+
+    def lora_patch(self, model, name: str, tensors: dict, metadata: dict, strength: float):
+        """A clone of the MODEL (ModelPatcher) with the LoRA's weight patches (nodes/lora.py)."""
+        from .lora import lora_patches
+        patched = model.clone()
+        patched.add_patches(lora_patches(name, tensors, metadata, model.model.diffusion_model.transformer), strength)
+        return patched
 
     def wrap(self, managed: ManagedModel):
         """MODEL: the ModelPatcher; CLIP: a comfy.sd.CLIP; VAE: a comfy.sd.VAE (comfy_family.py)."""

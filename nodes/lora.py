@@ -1,21 +1,21 @@
-"""SANA LoRA loader for ComfyUI's core MODEL: a LoRA file becomes weight patches on the ModelPatcher
-(`add_patches`), so it stacks with other loaders, follows ComfyUI's offloading and unloads cleanly.
+"""SANA LoRA Loader: a LoRA file from ComfyUI's `loras` folder applied to a SANA MODEL.
 
-SKETCH, not registered in NODE_CLASS_MAPPINGS yet: it needs SANA as a core MODEL (issue 16; as built on
-branch i16c, the patcher's model holds our SanaTransformer at `diffusion_model.transformer`). `lora_patches`
-is complete and tested under ComfyUI's Python (tests/comfy/test_lora_patches.py) on a ModelPatcher whose
-model holds a SanaTransformer there.
+Inside ComfyUI the LoRA becomes weight patches on a clone of the MODEL's ModelPatcher (`add_patches`), so it
+stacks with other LoRA loaders, follows ComfyUI's offloading (low-VRAM loads patch on the fly) and unloads
+cleanly; sana-run's stand-in MODEL carries the LoRA and the host merges it when the DiT computes (host.py).
 
-The names come from sana_core.lora's one mapping; q/k/v (k/v) updates land on row slices of the fused
-projections as comfy/lora.py's `(key, (dim, offset, size))` patch keys; the scales (the file's `.alpha`, or
-the PEFT metadata diffusers writes, which ComfyUI's generic loader ignores) go in as `.alpha` tensors, and
-ComfyUI's own weight adapters do the rest, LyCORIS LoHa / LoKr and kohya DoRA included.
+The names come from sana_core.lora's one mapping (`lora_patches`): q/k/v (k/v) updates land on row slices of
+the fused projections as comfy/lora.py's `(key, (dim, offset, size))` patch keys; the scales (the file's
+`.alpha`, or the PEFT metadata diffusers writes, which ComfyUI's generic loader ignores) go in as `.alpha`
+tensors, and ComfyUI's own weight adapters do the rest, LyCORIS LoHa / LoKr and kohya DoRA included.
 """
 import torch
 
-from sana_core.checkpoints import CheckpointError, read_checkpoint
-from sana_core.lora import UNMERGEABLE, detect_format, lora_targets, read_lora
+from sana_core.checkpoints import CheckpointError
+from sana_core.lora import UNMERGEABLE, detect_format, lora_targets, read_lora, read_lora_file
 
+from . import host, messages
+from .loaders import _installed
 
 PREFIX = "diffusion_model.transformer."  # where the core MODEL's patcher finds our DiT's parameters
 
@@ -49,30 +49,38 @@ def lora_patches(name: str, tensors: dict, metadata: dict, transformer, prefix: 
 class SanaLoraLoader:
     @classmethod
     def INPUT_TYPES(cls):
-        import folder_paths
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The SANA model (from the SANA Model Loader) to apply the LoRA to."}),
-            "lora_name": (folder_paths.get_filename_list("loras"), {
-                "tooltip": "A SANA LoRA in models/loras: diffusers / PEFT (train_dreambooth_lora_sana.py), "
-                           "kohya / OneTrainer, original-name, LyCORIS LoHa / LoKr files are told apart by "
-                           "their keys."}),
+            "model": ("MODEL", {"tooltip": "The SANA model (from SANA Model Loader, or another LoRA loader) to apply "
+                                           "the LoRA to."}),
+            "lora_name": (host.current().list_models("lora"), {
+                "tooltip": "A SANA LoRA in models/loras. Told apart by their keys: diffusers / PEFT "
+                           "(train_dreambooth_lora_sana.py), kohya / OneTrainer, original SANA names, LyCORIS "
+                           "LoHa / LoKr, kohya DoRA. The LoRA must be made for this model's size (0.6B, 1.6B ...)."}),
             "strength_model": ("FLOAT", {
                 "default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
-                "tooltip": "How strongly the LoRA changes the model; negative values subtract it."}),
+                "tooltip": "How strongly the LoRA changes the model: 1 as trained, 0 off, negative values "
+                           "subtract it."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, lora_name):
+        return _installed("lora", lora_name)
+
     RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The SANA model with the LoRA applied (the input model is unchanged).",)
     FUNCTION = "load_lora"
-    CATEGORY = "sana"
-    DESCRIPTION = "Applies a SANA LoRA to the model as weight patches (stacks with other LoRA loaders)."
+    CATEGORY = "SANA"
+    DESCRIPTION = ("Applies a SANA LoRA (diffusers / PEFT, kohya / OneTrainer, original-name, LyCORIS) to the "
+                   "model as weight patches: stacks with other LoRA loaders, costs nothing per step.")
 
     def load_lora(self, model, lora_name, strength_model):
-        import folder_paths
+        host.unwrap(model, "transformer", "SanaLoraLoader")  # a MODEL of another family: a clear error
         if strength_model == 0:
             return (model,)
-        path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        tensors, metadata = read_checkpoint(path)
-        patched = model.clone()
-        transformer = model.model.diffusion_model.transformer
-        patched.add_patches(lora_patches(lora_name, tensors, metadata, transformer), strength_model)
-        return (patched,)
+        h = host.current()
+        try:
+            tensors, metadata = read_lora_file(h.find_model("lora", lora_name))
+            return (h.lora_patch(model, lora_name, tensors, metadata, strength_model),)
+        except (CheckpointError, OSError) as e:
+            raise messages.lora_error(e, lora_name) from e

@@ -35,6 +35,11 @@ def load_error(error: Exception, kind: str, file_name: str) -> CheckpointError:
     return CheckpointError(f"{display_name(node)}: could not load '{file_name}' as {what}: {error}")
 
 
+def lora_error(error: Exception, file_name: str) -> CheckpointError:
+    """SanaLoraLoader's error: the library's reason (the file's format, family or shapes) for its lora_name."""
+    return CheckpointError(f"{display_name('SanaLoraLoader')}: lora_name '{file_name}' cannot be applied: {error}")
+
+
 def size_error(error: SizeError, node: str) -> ValueError:
     return ValueError(f"{display_name(node)}: {error.side} {error.value} is not a multiple of 32 pixels (SANA's "
                       f"autoencoder works on 32x32 blocks): set {error.side} to {error.choices}, or pick a preset")

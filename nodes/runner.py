@@ -36,6 +36,7 @@ DEMO_MODELS = {
     "SanaTextEncoderLoader": ("text_encoder_name", "gemma2_demo.safetensors"),
     "SanaVAELoader": ("vae_name", "sana_demo_dcae.safetensors"),
     "SanaControlNetLoader": ("control_net_name", "sana_demo_controlnet.safetensors"),
+    "SanaLoraLoader": ("lora_name", "sana_demo_lora.safetensors"),
 }
 DEMO_SPRINT = "sana_sprint_demo.safetensors"
 
@@ -483,7 +484,7 @@ def main(argv=None, worker=None) -> int:
     parser.add_argument("workflow", nargs="?", help="workflow JSON, API form (Export (API)) or UI form (Save)")
     parser.add_argument("--models", default=os.environ.get("SANA_MODELS_DIR", "models"),
                         help="model folder in ComfyUI's layout: diffusion_models/ (or checkpoints/), "
-                             "text_encoders/, vae/ (default: ./models or $SANA_MODELS_DIR)")
+                             "text_encoders/, vae/, loras/ (default: ./models or $SANA_MODELS_DIR)")
     parser.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
                         help="change an input: NODE is a node id, title or type (e.g. SanaSampler.seed=7)")
     parser.add_argument("--output", default="output", help="folder for the images (default: ./output)")

@@ -123,7 +123,8 @@ def write_demo_text_encoder(path: Path, *, seed: int = 0) -> Path:
 
 
 def write_demo_models(folder: Path) -> dict:
-    """All of them in ComfyUI's folder layout under `folder`; returns their paths."""
+    """All of them (the DiT, Sprint, DC-AE, Gemma, a ControlNet and a LoRA for the DiT) in ComfyUI's folder
+    layout under `folder`; returns their paths."""
     folder = Path(folder)
     paths = {
         "transformer": folder / "diffusion_models" / "sana_demo.safetensors",
@@ -131,6 +132,7 @@ def write_demo_models(folder: Path) -> dict:
         "text_encoder": folder / "text_encoders" / "gemma2_demo.safetensors",
         "sprint": folder / "diffusion_models" / "sana_sprint_demo.safetensors",
         "controlnet": folder / "controlnet" / "sana_demo_controlnet.safetensors",
+        "lora": folder / "loras" / "sana_demo_lora.safetensors",
     }
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -139,6 +141,7 @@ def write_demo_models(folder: Path) -> dict:
     write_demo_autoencoder(paths["autoencoder"])
     write_demo_text_encoder(paths["text_encoder"])
     write_demo_controlnet(paths["controlnet"])
+    write_demo_lora(paths["lora"])
     return paths
 
 

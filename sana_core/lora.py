@@ -42,9 +42,11 @@ from .transformer import DIFFUSERS_BLOCK_NAMES, DIFFUSERS_FUSED, DIFFUSERS_NAMES
 log = logging.getLogger(__name__)
 
 # Prefixes a file may put before the module name: diffusers' pipeline component, PEFT's wrapper, ComfyUI's
-# model path, kohya / OneTrainer's component prefixes (followed by the underscored module name).
-FILE_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.",
-                 "lora_transformer_", "lora_unet_")
+# paths of our DiT in its MODEL (what ComfyUI's LoRA training and "Extract and Save LoRA" nodes write, and its
+# generic kohya form), other ComfyUI model paths, kohya / OneTrainer's component prefixes (followed by the
+# underscored module name).
+FILE_PREFIXES = ("transformer.", "base_model.model.", "diffusion_model.transformer.", "lora_unet_transformer_",
+                 "model.diffusion_model.", "diffusion_model.", "lora_transformer_", "lora_unet_")
 # A key = module name + "." + what it holds (LoRA factors, alpha, or another adapter's tensors).
 KEY = re.compile(r"(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_down|lora_up|lora_mid|alpha|dora_scale|"
                  r"lora_magnitude_vector|hada_\w+|lokr_\w+)(?:\.[\w.]+)?")
@@ -232,6 +234,17 @@ def lora_targets(name: str, tensors: dict, shapes) -> tuple[str, dict, list]:
     return detect_format(tensors), targets, unmatched
 
 
+def read_lora_file(path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a LoRA file (.safetensors, .pt) or folder (diffusers' pytorch_lora_weights, or a
+    PEFT save_pretrained folder, whose adapter_config.json becomes the `lora_adapter_metadata`)."""
+    tensors, metadata = read_checkpoint(path, weight_names=("pytorch_lora_weights", "adapter_model"))
+    peft_config = Path(path) / "adapter_config.json"
+    if peft_config.is_file() and "lora_adapter_metadata" not in metadata:
+        metadata["lora_adapter_metadata"] = {f"transformer.{k}": v for k, v in json.loads(
+            peft_config.read_text()).items()}
+    return tensors, metadata
+
+
 def read_lora(path, model, *, tensors=None, metadata=None) -> Lora:
     """Read a LoRA file (.safetensors, .pt, or a diffusers or PEFT folder) for `model` (a SanaTransformer); or
     `tensors` (+ `metadata`) already read, `path` then only names it. Errors (CheckpointError) for a file
@@ -240,11 +253,7 @@ def read_lora(path, model, *, tensors=None, metadata=None) -> Lora:
     `.unmatched` and logged."""
     name = Path(path).name
     if tensors is None:
-        tensors, metadata = read_checkpoint(path, weight_names=("pytorch_lora_weights", "adapter_model"))
-        peft_config = Path(path) / "adapter_config.json"  # a PEFT save_pretrained folder
-        if peft_config.is_file() and "lora_adapter_metadata" not in metadata:
-            metadata["lora_adapter_metadata"] = {f"transformer.{k}": v for k, v in json.loads(
-                peft_config.read_text()).items()}
+        tensors, metadata = read_lora_file(path)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     kind, targets, unmatched = lora_targets(name, tensors, shapes)
     if kind in UNMERGEABLE.values():
@@ -347,6 +356,17 @@ def unload_loras(model) -> None:
     keys = set(state.originals)
     state.applied = []
     _recompute(model, state, keys)
+
+
+def set_loras(model, loras) -> None:
+    """Make the merged LoRAs exactly `loras` ([(Lora, strength)], in order); nothing to do when they already are
+    (sana-run's stand-in MODEL carries its LoRAs and the host sets them before the DiT computes)."""
+    state = merged_loras(model)
+    if [(id(lora), s) for lora, s in state.applied] == [(id(lora), float(s)) for lora, s in loras]:
+        return
+    unload_loras(model)
+    for lora, strength in loras:
+        apply_lora(model, lora, strength)
 
 
 @torch.no_grad()

@@ -85,7 +85,8 @@ def test_js_shows_round1_presets_as_what_they_make():
 def test_js_loader_folders_are_the_ones_the_nodes_search():
     from sana_nodes import host
 
-    kinds = {"SanaModelLoader": "transformer", "SanaTextEncoderLoader": "text_encoder", "SanaVAELoader": "autoencoder"}
+    kinds = {"SanaModelLoader": "transformer", "SanaTextEncoderLoader": "text_encoder", "SanaVAELoader": "autoencoder",
+             "SanaLoraLoader": "lora"}
     folders = run_js("console.log(JSON.stringify(logic.LOADER_FOLDERS))", None)
     assert folders == {cls: list(host.MODEL_FOLDERS[kind]) for cls, kind in kinds.items()}
 

@@ -186,7 +186,8 @@ def original_names(cfg: SanaConfig) -> dict:
 def rewrite(path, form: str, cfg: SanaConfig, out_path) -> str:
     """The PEFT file's LoRA in another form: kohya / OneTrainer (diffusers names underscored), or the
     original names (q/k/v and k/v fused: down factors stacked, up factors block-diagonal), as PEFT
-    (lora_A/B) or as kohya under ComfyUI's lora_unet_. Scales are kept with `.alpha` tensors."""
+    (lora_A/B) or as kohya under ComfyUI's lora_unet_, or named as ComfyUI names our DiT in its MODEL (what its
+    Extract and Save LoRA node writes, and that name's kohya form). Scales are kept with `.alpha` tensors."""
     tensors = load_file(path)  # made with alpha = rank: scale 1
     modules = sorted({k[len("transformer."):].rsplit(".lora_", 1)[0] for k in tensors})
     factors = {m: (tensors[f"transformer.{m}.lora_B.weight"], tensors[f"transformer.{m}.lora_A.weight"])
@@ -216,7 +217,9 @@ def rewrite(path, form: str, cfg: SanaConfig, out_path) -> str:
                 out[f"{original}.lora_A.weight"], out[f"{original}.lora_B.weight"] = down, up
                 out[f"{original}.alpha"] = alpha
             else:
-                name = "lora_unet_" + original.replace(".", "_")
+                name = {"original-comfy-kohya": "lora_unet_" + original.replace(".", "_"),
+                        "comfyui": "diffusion_model.transformer." + original,
+                        "comfyui-kohya": "lora_unet_transformer_" + original.replace(".", "_")}[form]
                 out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down, up
                 out[f"{name}.alpha"] = alpha
     save_file(out, out_path)
@@ -227,6 +230,8 @@ def rewrite(path, form: str, cfg: SanaConfig, out_path) -> str:
     ("kohya", "kohya / OneTrainer LoRA"),
     ("original", "diffusers / PEFT LoRA (original NVlabs names)"),
     ("original-comfy-kohya", "kohya LoRA (original NVlabs names)"),
+    ("comfyui", "kohya LoRA (original NVlabs names)"),
+    ("comfyui-kohya", "kohya LoRA (original NVlabs names)"),
 ])
 def test_other_forms_equal_diffusers_loading_the_peft_form(setup, model, form, expected, tmp_path):
     base, _, loras, _ = setup

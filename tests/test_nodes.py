@@ -39,6 +39,7 @@ EXPECTED_INPUTS = {
     "SanaScheduler": ["model", "sampler", "steps", "flow_shift", "denoise"],
     "SanaPAG": ["model", "scale", "layers"],
     "SanaControlNetLoader": ["control_net_name", "graph"],
+    "SanaLoraLoader": ["model", "lora_name", "strength_model"],
 }
 # Round 1's SANA_* socket types are retired: the loaders give ComfyUI's own.
 CORE_TYPES = {"SanaModelLoader": ("MODEL",), "SanaTextEncoderLoader": ("CLIP",), "SanaVAELoader": ("VAE",)}
@@ -330,7 +331,7 @@ def test_decode_encode_and_image_to_image(loaded, local):
 # -- sana-run --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["sana_1024_text_to_image", "sana_4096_tiled_decode", "sana_sprint_2_steps",
-                                  "sana_image_to_image"])
+                                  "sana_image_to_image", "sana_lora"])
 def test_runner_runs_each_workflow(models, tmp_path, capsys, name):
     Image.new("RGB", (70, 64), (200, 40, 10)).save(tmp_path / "example.png")
     size = [] if "image_to" in name else ["--set", "SanaEmptyLatent.preset=custom", "--set",

@@ -45,6 +45,7 @@ PUBLISHED_MODELS = {
     "SanaTextEncoderLoader": {"gemma-2-2b-it"},
     "SanaVAELoader": {"dc-ae-f32c32-sana-1.1-diffusers"},
     "SanaControlNetLoader": {"Sana_1600M_1024px_BF16_ControlNet_HED.pth"},
+    "SanaLoraLoader": {"sana_lora.safetensors"},  # the user's own LoRA (the workflow's note says so)
 }
 
 
@@ -89,11 +90,11 @@ def check_value(node, name, kind, options, value):
                 assert value in choices, f"{where}: {value!r} is not one of the node's choices"
 
 
-def test_there_are_five_workflows_in_both_forms():
+def test_there_are_six_workflows_in_both_forms():
     names = {p.name for p in UI_WORKFLOWS}
     assert names == {p.name for p in API_WORKFLOWS}
     assert names == {"sana_1024_text_to_image.json", "sana_4096_tiled_decode.json", "sana_sprint_2_steps.json",
-                     "sana_image_to_image.json", "sana_controlnet_edges.json"}
+                     "sana_image_to_image.json", "sana_controlnet_edges.json", "sana_lora.json"}
 
 
 def test_runner_core_nodes_have_comfyui_inputs():
@@ -177,6 +178,10 @@ def test_workflows_are_the_documented_recipes():
     encode = next(i for i, n in api.items() if n["class_type"] == "SanaVAEEncode")
     assert s["latent_image"] == [encode, 0]
     assert api[api[encode]["inputs"]["pixels"][0]]["class_type"] == "LoadImage"
+    api, s = sampler("sana_lora.json")
+    lora = api[s["model"][0]]
+    assert lora["class_type"] == "SanaLoraLoader" and lora["inputs"]["strength_model"] == 1.0
+    assert api[lora["inputs"]["model"][0]]["class_type"] == "SanaModelLoader"
 
     api = json.loads((ROOT / "workflows" / "api" / "sana_controlnet_edges.json").read_text())
     ksampler = next(n["inputs"] for n in api.values() if n["class_type"] == "KSampler")

@@ -37,7 +37,7 @@ def models(tmp_path_factory):
     from sana_core.demo import write_demo_models
     folder = tmp_path_factory.mktemp("models")
     write_demo_models(folder)
-    for name in ("diffusion_models", "text_encoders", "vae", "controlnet"):
+    for name in ("diffusion_models", "text_encoders", "vae", "controlnet", "loras"):
         folder_paths.add_model_folder_path(name, str(folder / name), is_default=True)
     return folder
 

@@ -168,8 +168,8 @@ const nodesState = () =>
     }))
   )
 
-const LOADERS = ['SanaModelLoader', 'SanaTextEncoderLoader', 'SanaVAELoader']
-const FILE_WIDGET = { SanaModelLoader: 'model_name', SanaTextEncoderLoader: 'text_encoder_name', SanaVAELoader: 'vae_name' }
+const LOADERS = ['SanaModelLoader', 'SanaTextEncoderLoader', 'SanaVAELoader', 'SanaLoraLoader']
+const FILE_WIDGET = { SanaModelLoader: 'model_name', SanaTextEncoderLoader: 'text_encoder_name', SanaVAELoader: 'vae_name', SanaLoraLoader: 'lora_name' }
 
 async function loadWorkflow(workflow, name) {
   await page.evaluate(({ wf, name }) => window.app.loadGraphData(wf, true, true, name), { wf: workflow, name })
@@ -418,7 +418,7 @@ try {
       }
       for (const node of window.app.graph.nodes) {
         const file = node.widgets?.[0]
-        if (['SanaModelLoader', 'SanaTextEncoderLoader', 'SanaVAELoader', 'SanaControlNetLoader'].includes(node.type) && !file.options.values.includes(file.value)) {
+        if (['SanaModelLoader', 'SanaTextEncoderLoader', 'SanaVAELoader', 'SanaControlNetLoader', 'SanaLoraLoader'].includes(node.type) && !file.options.values.includes(file.value)) {
           const sprint = /sprint/i.test(file.value) // the demo models: a SANA and a Sana-Sprint DiT
           file.value = file.options.values.find((v) => /sprint/i.test(v) === sprint) ?? file.options.values[0]
         }

@@ -10,7 +10,7 @@ It runs `main.py --cpu --listen 127.0.0.1 --port N --disable-auto-launch` with
 `--base-directory TMP` (TMP/custom_nodes/ComfyUI-SANA links to this repo; input/, output/, temp/
 and user/ live there too, so the ComfyUI checkout is never written to) and
 `--extra-model-paths-config TMP/extra_model_paths.yaml` pointing at `models_dir` (ComfyUI's layout:
-diffusion_models/, text_encoders/, vae/). Only the standard library is used (the HTTP client and
+diffusion_models/, text_encoders/, vae/, loras/). Only the standard library is used (the HTTP client and
 a minimal websocket reader for progress messages).
 """
 import base64
@@ -64,7 +64,7 @@ class ComfyUIServer:
         (self.base / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
         config = self.base / "extra_model_paths.yaml"
         folders = "\n".join(f"    {f}: {f}" for f in ("diffusion_models", "checkpoints", "text_encoders", "vae",
-                                                             "controlnet"))
+                                                       "controlnet", "loras"))
         config.write_text(f"sana_e2e:\n    base_path: {self.models_dir}\n{folders}\n")
         self.log_path = self.base / "comfyui.log"
         command = [self.python, str(self.comfyui_dir / "main.py"), "--cpu", "--listen", "127.0.0.1",
