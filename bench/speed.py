@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 TINY = "--tiny" in sys.argv
@@ -33,6 +34,7 @@ P, rt, T = B.P, B.rt, B.T
 CUDA = B.DEV.type == "cuda"
 if not CUDA:
     B.sync = lambda: None
+LATENTS = {}  # the images' latents, saved to compare checkouts
 MATMUL = ("gemm", "nvjet", "cutlass", "sm90_xmma", "wgmma", "matmul", "_mm_")
 
 
@@ -122,6 +124,8 @@ def e2e(r, name, variant, px, steps_list, cfg=4.5):
         r[key + "_ms"] = wall_ms(call, 7 if steps < 20 else 3)
         r[key + "_phases_ms"] = {k: round(v, 2) for k, v in B.phase_ms(call, te).items()}
         r[key + "_timeline"] = timeline(call)
+        LATENTS[key] = pipe(B.PROMPT, width=px, height=px, steps=steps, cfg=cfg, seed=0, output="latent").cpu()
+        LATENTS[key + "_image"] = torch.from_numpy(np.asarray(call()[0]).copy())  # uint8 (H, W, 3)
     r[name + "_graphs"] = B.graphs_held()
     del pipe
     B.RUNTIME.release()
@@ -172,6 +176,7 @@ def main():
     ap.add_argument("--parts", default="sprint,cfg,step")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
+    torch.manual_seed(0)  # Gemma's default init draws from the global generators: the same weights in every run
     r = dict(tag=args.tag, device=torch.cuda.get_device_name() if CUDA else "cpu", torch=torch.__version__)
     parts = args.parts.split(",")
     t0 = time.time()
@@ -186,6 +191,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"speed-{args.tag}.json").write_text(json.dumps(r, indent=1))
+    torch.save(LATENTS, out / f"latents-{args.tag}.pt")
     print(f"== {args.tag} ({r['seconds']:.0f} s)")
     for k, v in r.items():
         if k.endswith("phases_ms"):
