@@ -5,8 +5,7 @@ The DiT's Mix-FFN is  Linear C->2H (+bias) -> SiLU -> depthwise 3x3 conv over 2H
 tensors (B, h*w, 2H) -> (B, h*w, H), so the Linears on either side need no transposes. Token n sits at
 row n // w, column n % w of the latent grid (diffusers' unflatten(1, (height, width))). The same kernel
 takes channels-first (B, 2H, h, w) activations (the DC-AE's GLUMBConv) as a transposed view: it works on
-strides. silu=True takes the inverted conv's raw output and applies that SiLU as it loads (rounded to the
-input's dtype, as a separate F.silu stores it): one write and one read of the (B, h*w, 2H) tensor less.
+strides.
 
 Kernel: one program per (chunk of `rows` grid rows x BLOCK_X columns, BLOCK_C channels, sample). It walks
 down its input rows once, keeping three output rows of float32 accumulators (x and gate) in registers, so
@@ -36,22 +35,14 @@ if HAS_TRITON:
                 tl.load(p + sxn, mask=ok_r, other=0.0), tl.load(p + sxn + hx, mask=ok_r, other=0.0))
 
     @triton.jit
-    def _silu_rounded(v):  # SiLU in float32, rounded to v's dtype as a separate F.silu would store it
-        f = v.to(tl.float32)
-        return (f / (1.0 + tl.exp(-f))).to(v.dtype)
-
-    @triton.jit
-    def _tap(vx, vg, w_top, w_mid, w_bot, g_top, g_mid, g_bot, ax, ag, bx, bg, nx, ng, SILU: tl.constexpr):
-        """One dx column of input row r into output rows r-1 (dy=2, bottom taps), r (dy=1), r+1 (dy=0).
-        SILU: the input is the inverted conv's raw output; SiLU it first."""
-        if SILU:
-            vx, vg = _silu_rounded(vx), _silu_rounded(vg)
+    def _tap(vx, vg, w_top, w_mid, w_bot, g_top, g_mid, g_bot, ax, ag, bx, bg, nx, ng):
+        """One dx column of input row r into output rows r-1 (dy=2, bottom taps), r (dy=1), r+1 (dy=0)."""
         vx, vg = vx.to(tl.float32), vg.to(tl.float32)
         return ax + vx * w_bot, ag + vg * g_bot, bx + vx * w_mid, bg + vg * g_mid, nx + vx * w_top, ng + vg * g_top
 
     def _dwconv_glu(x_ptr, w_ptr, b_ptr, o_ptr, HID, height, width, rows,
                     sxb, sxn, sxc, sob, son, soc,
-                    BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr):
+                    BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr):
         # program: `rows` output rows x BLOCK_X columns x BLOCK_C channels of one sample. It walks down the
         # input rows once; input row r completes output row r-1, adds to row r and starts row r+1, so each
         # input element is loaded once (its dx neighbours hit L1). The 18 taps (x and gate halves) stay in
@@ -83,12 +74,9 @@ if HAS_TRITON:
             vlx, vlg, vcx, vcg, vrx, vrg = lx, lg, cx, cg, rx, rg
             lx, lg, cx, cg, rx, rg = _load_row(x_base, r + 1, y_end + 1, height, width, col, c, c_live, sxn, sxc, hx)
             nx, ng = zero + bias_x, zero + bias_g                  # output row r+1
-            ax, ag, bx, bg, nx, ng = _tap(vlx, vlg, x00, x10, x20, g00, g10, g20, ax, ag, bx, bg, nx, ng,
-                                               SILU)
-            ax, ag, bx, bg, nx, ng = _tap(vcx, vcg, x01, x11, x21, g01, g11, g21, ax, ag, bx, bg, nx, ng,
-                                               SILU)
-            ax, ag, bx, bg, nx, ng = _tap(vrx, vrg, x02, x12, x22, g02, g12, g22, ax, ag, bx, bg, nx, ng,
-                                               SILU)
+            ax, ag, bx, bg, nx, ng = _tap(vlx, vlg, x00, x10, x20, g00, g10, g20, ax, ag, bx, bg, nx, ng)
+            ax, ag, bx, bg, nx, ng = _tap(vcx, vcg, x01, x11, x21, g01, g11, g21, ax, ag, bx, bg, nx, ng)
+            ax, ag, bx, bg, nx, ng = _tap(vrx, vrg, x02, x12, x22, g02, g12, g22, ax, ag, bx, bg, nx, ng)
             o = r - 1                                              # complete: store it if it is ours
             o_col = o + 0 * col                                    # as a tensor: TRITON_INTERPRET mistypes scalar & tensor
             keep = ((o_col >= y0) & (o_col < y_end) & (col < width))[:, None] & c_live[None, :]
@@ -112,12 +100,10 @@ def _check(x, weight, bias, height, width):
                          f"({x.shape[2]},); got {tuple(weight.shape)} and {tuple(bias.shape)}")
 
 
-def depthwise_conv_glu_torch(x, weight, bias, height, width, *, silu=False):
-    """Twin: x (B, h*w, 2H) tokens-major (already SiLU'd, or silu=True: SiLU'd here, in x's dtype), weight
-    (2H, 1, 3, 3), bias (2H,) -> (B, h*w, H) in x's dtype, computed in float32."""
+def depthwise_conv_glu_torch(x, weight, bias, height, width):
+    """Twin: x (B, h*w, 2H) tokens-major (already SiLU'd), weight (2H, 1, 3, 3), bias (2H,) -> (B, h*w, H)
+    in x's dtype, computed in float32."""
     _check(x, weight, bias, height, width)
-    if silu:
-        x = F.silu(x)
     B, N, C2 = x.shape
     grid = upcast(x).transpose(1, 2).reshape(B, C2, height, width)              # (B, 2H, h, w)
     y = F.conv2d(grid, upcast(weight).to(grid.dtype), upcast(bias).to(grid.dtype), padding=1, groups=C2)
@@ -126,8 +112,8 @@ def depthwise_conv_glu_torch(x, weight, bias, height, width, *, silu=False):
     return out.contiguous() if x.stride(2) == 1 else out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def depthwise_conv_glu_triton(x, weight, bias, height, width, *, silu=False, block_x=32, block_c=16, rows=None,
-                              num_warps=4, num_stages=2):
+def depthwise_conv_glu_triton(x, weight, bias, height, width, *, block_x=32, block_c=16, rows=None, num_warps=4,
+                              num_stages=2):
     _check(x, weight, bias, height, width)
     B, N, C2 = x.shape
     hid = C2 // 2
@@ -149,17 +135,16 @@ def depthwise_conv_glu_triton(x, weight, bias, height, width, *, silu=False, blo
     grid = (triton.cdiv(height, rows) * triton.cdiv(width, block_x), triton.cdiv(hid, block_c), B)
     kernel = _dwconv_glu_kernel_channels_first if channels_first else _dwconv_glu_kernel
     kernel[grid](x, weight, bias, out, hid, height, width, rows, *x.stride(), *out.stride(),
-                 BLOCK_X=block_x, BLOCK_C=block_c, SILU=silu, num_warps=num_warps, num_stages=num_stages)
+                 BLOCK_X=block_x, BLOCK_C=block_c, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
-def depthwise_conv_glu(x, weight, bias, height, width, *, silu=False):
-    """Mix-FFN middle on tokens: x (B, height*width, 2H), the SiLU'd output of the inverted 1x1 conv/Linear
-    (silu=True: its raw output, SiLU'd inside, as F.silu would in x's dtype: one pass over x less);
+def depthwise_conv_glu(x, weight, bias, height, width):
+    """Mix-FFN middle on tokens: x (B, height*width, 2H), the SiLU'd output of the inverted 1x1 conv/Linear;
     weight (2H, 1, 3, 3) and bias (2H,) of the depthwise conv (checkpoint layout). Returns (B, height*width, H):
     conv(x)[:H] * SiLU(conv(x)[H:]), zero padding at the grid's edges.
     Channels-first works too (DC-AE's GLUMBConv): pass x = t.flatten(2).transpose(1, 2) for t (B, 2H, h, w);
     the result is then a view of a channels-first tensor: .transpose(1, 2).unflatten(2, (h, w)) is (B, H, h, w)."""
     if use_triton(x, weight, bias):
-        return depthwise_conv_glu_triton(x, weight, bias, height, width, silu=silu)
-    return depthwise_conv_glu_torch(x, weight, bias, height, width, silu=silu)
+        return depthwise_conv_glu_triton(x, weight, bias, height, width)
+    return depthwise_conv_glu_torch(x, weight, bias, height, width)

@@ -193,11 +193,10 @@ class GLUMBConv(nn.Module):
 
     def _rows(self, x):
         inverted = self.conv_inverted
-        h = pointwise_conv(x, inverted.weight, inverted.bias)  # (B, 2M, h, W), SiLU'd by the conv kernel
+        h = F.silu(pointwise_conv(x, inverted.weight, inverted.bias), inplace=True)  # (B, 2M, h, W)
         rows, width = h.shape[-2:]
         depth = self.conv_depth
-        a = depthwise_conv_glu(h.flatten(2).transpose(1, 2), depth.weight, depth.bias, rows, width,
-                               silu=True)  # (B, h*W, M)
+        a = depthwise_conv_glu(h.flatten(2).transpose(1, 2), depth.weight, depth.bias, rows, width)  # (B, h*W, M)
         del h
         a = pointwise_conv(a.transpose(1, 2).unflatten(2, (rows, width)), self.conv_point.weight)  # (B, C, h, W)
         return self.norm(a, residual=x)

@@ -259,11 +259,9 @@ class MixFFN(nn.Module):
                 raise NotImplementedError("row-band parallel sampling needs layers whose weights it can read "
                                           "(no ComfyUI cast or on-the-fly patches)")
             return self._through_layers(x, h, w)
-        x = F.linear(x, inv_weight.flatten(1), inv.bias)  # (B, N, 2H), SiLU'd by the conv kernel as it reads
-        if self.band is None:
-            x = depthwise_conv_glu(x, depth.weight, depth.bias, h, w, silu=True)  # (B, N, H)
-        else:
-            x = self.band.depthwise_conv_glu(F.silu(x, inplace=True), depth.weight, depth.bias, h, w)
+        x = F.silu(F.linear(x, inv_weight.flatten(1), inv.bias), inplace=True)  # (B, N, 2H)
+        conv_glu = depthwise_conv_glu if self.band is None else self.band.depthwise_conv_glu
+        x = conv_glu(x, depth.weight, depth.bias, h, w)  # (B, N, H)
         return F.linear(x, point_weight.flatten(1))  # (B, N, C)
 
     def _through_layers(self, x, h, w):  # the same function, each conv called as a layer on the (B, C, h, w) grid

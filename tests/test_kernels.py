@@ -235,24 +235,6 @@ def test_depthwise_conv_glu_kernel(dtype, triton_backend, poisoned):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-def test_depthwise_conv_glu_kernel_fuses_the_silu_before_it(dtype, triton_backend, poisoned):
-    """silu=True on the raw inverted-conv output equals F.silu (in x's dtype) and then the kernel: the unfused path."""
-    B, h, w, hid = 2, 5, 7, 40
-    raw, wt, bs = 3 * rand(B, h * w, 2 * hid, dtype=dtype), rand(2 * hid, 1, 3, 3, dtype=dtype), \
-        rand(2 * hid, dtype=dtype)
-    unfused = K.depthwise_conv_glu_triton(F.silu(raw), wt, bs, h, w, block_x=8, block_c=32, rows=3)
-    out = K.depthwise_conv_glu_triton(raw, wt, bs, h, w, silu=True, block_x=8, block_c=32, rows=3)
-    assert rel_err(out, unfused) <= TOL[dtype] / 10
-    assert rel_err(out, conv_glu_ref(F.silu(raw.double()), wt, bs, h, w)) <= TOL[dtype]
-    twin = K.depthwise_conv_glu_torch(raw, wt, bs, h, w, silu=True)
-    assert torch.equal(twin, K.depthwise_conv_glu_torch(F.silu(raw), wt, bs, h, w))
-    nchw = raw[:1].transpose(1, 2).contiguous().transpose(1, 2)                # channels-first (the DC-AE's GLUMBConv)
-    out = K.depthwise_conv_glu_triton(nchw, wt, bs, h, w, silu=True, block_x=8, block_c=32, rows=3)
-    assert out.stride(1) == 1 and rel_err(out, unfused[:1]) <= TOL[dtype] / 10
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_adaln_kernels(dtype, triton_backend, poisoned):
     B, N, C = 2, 5, 40                                                         # C not a power of two
     x, y, mod = rand(B, N, C, dtype=dtype) * 3 + 1, rand(B, N, C, dtype=dtype), rand(B, 6, C, dtype=dtype)
