@@ -10,7 +10,8 @@ builders beside it). It prints one table and writes DIR/speed-<tag>.json with:
   call (profiler: largest gaps between kernels, with the host ops running in them);
 - one CFG step at 1024 px (graph replay) and the eager step's top kernels (matmul vs the rest);
 - Gemma, one prompt (runtime.encode_text, cached prefix) with its kernels; the 1024 px decode with its kernels;
-- the 4096 px eager step (TFLOP/s).
+- the 4096 px eager step (TFLOP/s);
+and DIR/latents-<tag>.pt: each image's latent and PIL pixels, to check that two checkouts make the same images.
 """
 import argparse
 import json
