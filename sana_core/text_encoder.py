@@ -197,7 +197,8 @@ class TextEncoder:
             P = int(shared.cumprod(0).sum())  # the longest token prefix every text shares with the instruction
             keys, values = tuple(k[:, :, :P] for k in prefix.keys), tuple(v[:, :, :P] for v in prefix.values)
         table, device = self.model.embed_tokens, self.device
-        embeds = table(ids[:, P:].to(table.weight.device)).to(device)  # (B, L - P, D)
+        distinct, where = torch.unique(ids[:, P:], return_inverse=True)  # most ids are padding: look each up once
+        embeds = table(distinct.to(table.weight.device)).to(device)[where.to(device)]  # (B, L - P, D)
         hidden = (layers or self.layers)(embeds, mask[:, P:].to(device), keys, values)  # (B, L - P, D)
         if chi:  # slices, not an index list: no host-made index tensor to copy to the device
             bos = prefix.bos.expand(len(ids), -1, -1) if P else hidden[:, :1]  # P <= start: see instruction_prefix
