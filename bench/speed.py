@@ -39,20 +39,8 @@ LATENTS = {}  # the images' latents, saved to compare checkouts
 MATMUL = ("gemm", "nvjet", "cutlass", "sm90_xmma", "wgmma", "matmul", "_mm_")
 
 
-def sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
 def wall_ms(fn, reps):
-    times = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    return statistics.median(1000 * B.wall_s(fn)[0] for _ in range(reps))
 
 
 def timeline(fn, top=12, gaps=8):
@@ -61,12 +49,12 @@ def timeline(fn, top=12, gaps=8):
     in them, and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
     fn()
-    sync()
+    B.sync()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
     with profile(activities=acts) as prof:
         t0 = time.perf_counter()
         fn()
-        sync()
+        B.sync()
         wall = 1000 * (time.perf_counter() - t0)
     events = prof.events()
     gpu = sorted(((e.time_range.start, e.time_range.end, e.name) for e in events
