@@ -10,6 +10,7 @@ from .controlnet import encode_hint
 from .guidance import sample_latents
 from .presets import SAMPLER_STEPS, base_resolution, defaults_for, pairing_error
 from .runtime import Runtime
+from .text_encoder import not_finite_error
 
 
 class SanaPipeline:
@@ -111,6 +112,7 @@ class SanaPipeline:
 
         cond, cond_mask, uncond, uncond_mask = self._encode_prompts(prompts, negative_prompt, batch_size,
                                                                     need_uncond=not config.sprint and cfg != 1.0)
+        callback = _checking_captions(callback, cond, uncond, self.text_encoder.dtype)
         controls = () if controlnet is None else [
             (controlnet, encode_hint(self.autoencoder, control_image, width, height), control_scale)]
         forwards = batch * (1 + (cfg != 1.0 and not config.sprint) + (pag_scale != 0))
@@ -186,10 +188,11 @@ class SanaPipeline:
             self.text_encoder.to(device)
             self._text_encoder_offloaded = False
         with torch.no_grad():
-            cond, cond_mask = self.runtime.encode_text(self.text_encoder, prompts)
+            cond, cond_mask = self.runtime.encode_text(self.text_encoder, prompts, check=False)  # see __call__
             uncond = uncond_mask = None
             if need_uncond:
-                uncond, uncond_mask = self.runtime.encode_text(self.text_encoder, [negative_prompt], instruction=False)
+                uncond, uncond_mask = self.runtime.encode_text(self.text_encoder, [negative_prompt], instruction=False,
+                                                               check=False)
         cond = cond.repeat_interleave(batch_size, dim=0).to(device)
         cond_mask = cond_mask.repeat_interleave(batch_size, dim=0).to(device)
         if need_uncond:
@@ -207,6 +210,22 @@ class SanaPipeline:
         with torch.no_grad():
             latent = ae.encode(pixels * 2 - 1).float()
         return latent.expand(batch, -1, -1, -1).to(self.device)
+
+
+def _checking_captions(callback, cond, uncond, dtype):
+    """callback(step, total, x0) that first, at step 1, raises text_encoder.not_finite_error when a caption holds
+    NaN/inf: read then, the flag costs no wait of its own (the first step is already queued behind the encode),
+    and it comes before the sampler's own NaN checks, which would blame the latent."""
+    finite = torch.isfinite(cond).all()  # stays on the device until read
+    if uncond is not None:
+        finite &= torch.isfinite(uncond).all()
+
+    def checking(step, total, x0):
+        if step == 1 and not finite:
+            raise not_finite_error(dtype)
+        if callback is not None:
+            callback(step, total, x0)
+    return checking
 
 
 def image_size(image) -> tuple[int, int]:
@@ -228,5 +247,6 @@ def to_pil(images: torch.Tensor) -> list:
     """(B, 3, H, W) in [0, 1] on any device -> PIL images, rounded as diffusers does (half to even, in
     float32) but on the images' device, so that only bytes come to the CPU."""
     from PIL import Image
-    array = (images.float() * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+    array = (images.float() * 255).round_().to(torch.uint8).permute(0, 2, 3, 1)  # (B, H, W, 3)
+    array = array.contiguous().cpu().numpy()  # made contiguous on the device: PIL copies a strided array slowly
     return [Image.fromarray(a) for a in array]

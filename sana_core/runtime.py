@@ -371,11 +371,12 @@ class Runtime:
 
     # -- the models' calls ----------------------------------------------------------------------------
 
-    def encode_text(self, text_encoder, prompts, *, instruction=True, lowercase=False, cache: bool = True):
+    def encode_text(self, text_encoder, prompts, *, instruction=True, lowercase=False, cache: bool = True,
+                    check: bool = True):
         """text_encoder.encode(prompts, ...) with Gemma's layers replayed from a graph (one per call length and
         batch). cache: reuse what this runtime computed before with these weights (the instruction's keys and
         values, TextEncoder.instruction_prefix; the embeddings of prompts without instruction, i.e. negative
-        prompts); the result is the same as without."""
+        prompts); the result is the same as without. check: TextEncoder.encode's NaN check (False: the caller's)."""
         te = text_encoder
 
         def layers(embeds, mask, keys, values):
@@ -383,7 +384,8 @@ class Runtime:
                                 tokens=mask.numel(), max_tokens=GEMMA_MAX_TOKENS)(embeds, mask)
 
         def encode(prefix=None):
-            return te.encode(prompts, instruction=instruction, lowercase=lowercase, layers=layers, prefix=prefix)
+            return te.encode(prompts, instruction=instruction, lowercase=lowercase, layers=layers, prefix=prefix,
+                             check=check)
         chi = instruction_text(instruction)
         if not cache:
             return encode()

@@ -147,8 +147,8 @@ class TextEncoder:
         return InstructionPrefix(ids, tuple(record.keys), tuple(record.values), hidden[:, :1])
 
     @torch.no_grad()
-    def encode(self, prompts, *, instruction=True, lowercase=False, layers=None,
-               prefix=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, prompts, *, instruction=True, lowercase=False, layers=None, prefix=None,
+               check=True) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions of `prompts` (a string or a list): (embeddings (B, 300, D), mask (B, 300): 1 real, 0 pad).
 
         `instruction`: True for the default CHI (`DEFAULT_INSTRUCTION`), False for none (negative
@@ -160,6 +160,8 @@ class TextEncoder:
         `prefix`: this instruction's InstructionPrefix (a Runtime caches it): Gemma then runs only the tokens
         after the longest token prefix every text shares with it (tokens can merge across the boundary
         between instruction and prompt); the result is the same.
+        `check`: raise not_finite_error when the result holds NaN/inf (a wait for the GPU); False leaves the
+        check to the caller (SanaPipeline reads it once sampling is queued).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         prompts = [p.lower().strip() if lowercase else p.strip() for p in prompts]
@@ -167,10 +169,10 @@ class TextEncoder:
         if chi and "" in prompts:
             empty = [i for i, p in enumerate(prompts) if not p]
             if len(empty) == len(prompts):
-                return self.encode(prompts, instruction=False, layers=layers)
+                return self.encode(prompts, instruction=False, layers=layers, check=check)
             texts = [p for p in prompts if p]  # one call for the prompts, one for the empty ones (no instruction)
-            emb, mask = self.encode(texts, instruction=instruction, layers=layers, prefix=prefix)
-            none_emb, none_mask = self.encode([""] * len(empty), instruction=False, layers=layers)
+            emb, mask = self.encode(texts, instruction=instruction, layers=layers, prefix=prefix, check=check)
+            none_emb, none_mask = self.encode([""] * len(empty), instruction=False, layers=layers, check=check)
             order = [i for i, p in enumerate(prompts) if p] + empty  # rows of cat(...) -> their prompt's place
             where = torch.tensor(order).argsort().to(emb.device)
             return torch.cat([emb, none_emb])[where], torch.cat([mask, none_mask])[where]
@@ -195,15 +197,21 @@ class TextEncoder:
             P = int(shared.cumprod(0).sum())  # the longest token prefix every text shares with the instruction
             keys, values = tuple(k[:, :, :P] for k in prefix.keys), tuple(v[:, :, :P] for v in prefix.values)
         table, device = self.model.embed_tokens, self.device
-        embeds = table(ids[:, P:].to(table.weight.device)).to(device)  # (B, L - P, D)
+        distinct, where = torch.unique(ids[:, P:], return_inverse=True)  # most ids are padding: look each up once
+        embeds = table(distinct.to(table.weight.device)).to(device)[where.to(device)]  # (B, L - P, D)
         hidden = (layers or self.layers)(embeds, mask[:, P:].to(device), keys, values)  # (B, L - P, D)
         if chi:  # slices, not an index list: no host-made index tensor to copy to the device
             bos = prefix.bos.expand(len(ids), -1, -1) if P else hidden[:, :1]  # P <= start: see instruction_prefix
             hidden = torch.cat([bos, hidden[:, start - P:]], 1)  # (B, 300, D)
-        if not torch.isfinite(hidden).all():
-            raise FloatingPointError(f"Gemma-2 produced NaN/inf in {self.dtype}; Gemma-2 overflows float16: "
-                                     f"load the text encoder in bfloat16 or float32")
+        if check and not torch.isfinite(hidden).all():
+            raise not_finite_error(self.dtype)
         return hidden, caption_mask
+
+
+def not_finite_error(dtype) -> FloatingPointError:
+    """The error for a caption holding NaN/inf (Gemma-2 overflows float16)."""
+    return FloatingPointError(f"Gemma-2 produced NaN/inf in {dtype}; Gemma-2 overflows float16: load the text "
+                              f"encoder in bfloat16 or float32")
 
 
 def _additive_mask(mask: torch.Tensor, P: int, dtype) -> torch.Tensor:

@@ -236,6 +236,22 @@ def test_nan_latent_is_a_clear_error(parts, monkeypatch):
         pipe_for(parts)(PROMPT, width=WIDTH, height=HEIGHT, steps=2)
 
 
+@pytest.mark.parametrize("output", ["pil", "latent"])
+def test_nan_caption_is_the_text_encoders_error(parts, monkeypatch, output):
+    """The captions' NaN check is read after the first step is queued, yet still names the text encoder (not
+    the latent, whose own check would fail too) and comes before any result or callback."""
+    te, calls = parts[0]["te"], []
+    encode = te.encode
+
+    def nan(prompts, **kw):
+        emb, mask = encode(prompts, **kw)
+        return torch.full_like(emb, float("nan")), mask
+    monkeypatch.setattr(te, "encode", nan)
+    with pytest.raises(FloatingPointError, match="Gemma-2 produced NaN/inf in torch.float32"):
+        pipe_for(parts)(PROMPT, width=WIDTH, height=HEIGHT, steps=2, output=output, callback=lambda *a: calls.append(a))
+    assert not calls
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(width=100, height=64), "width 100 is not a positive multiple of 32 (SANA's autoencoder works on 32x32 pixel "
                                  "blocks): use 96 or 128"),

@@ -144,7 +144,9 @@ def test_an_image_reads_the_host_only_where_it_must(tmp_path):
     with HostReads() as reads:
         pipe("a fox", **kw)
     assert reads.found == collections.Counter({
-        ("_local_scalar_dense", "encode"): 2,  # the shared token prefix (CPU ids) and the caption's NaN check
+        ("_local_scalar_dense", "encode"): 1,  # the shared token prefix (CPU ids)
+        ("_unique2", "encode"): 1,  # the distinct token ids looked up in the CPU embedding table (CPU ids)
+        ("_local_scalar_dense", "checking"): 1,  # the captions' NaN flag, read once the first step is queued
         ("lift_fresh", "encode"): 2,  # the tokenizer's CPU tensors (warning count, then the ids)
         ("lift_fresh", "flow_dpm_solver_sigmas"): 2,  # the schedule: CPU tensors from numpy
         ("_local_scalar_dense", "_flow_dpm_solver"): 2,  # sigma == 0 on the CPU schedule
