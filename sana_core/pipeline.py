@@ -12,9 +12,6 @@ from .presets import SAMPLER_STEPS, base_resolution, defaults_for, pairing_error
 from .runtime import TEXT_RESERVE, Runtime, sampling_bytes, vram_bytes
 
 
-LOW_VRAM_TILE = 1024  # decode tile (pixels) low VRAM leaves room for beside the DiT (a smaller one is used if short)
-
-
 class SanaPipeline:
     """Text-to-image (and image-to-image) with the three SANA components.
 
@@ -141,10 +138,9 @@ class SanaPipeline:
         if self._device is None:
             self._text_encoder_offloaded |= self.runtime.offload_text_encoder_if_short(
                 self.text_encoder, self.transformer, forwards=forwards, width=width, height=height)
-        else:  # room for a step's activations and a tiled decode beside the DiT's weights
-            h, w = shape[-2:]
-            self._place(self.transformer, sampling_bytes(config, forwards, h * w, self.transformer.dtype.itemsize)
-                        + self.autoencoder.activation_bytes(batch, h, w, tile=LOW_VRAM_TILE))
+        else:  # room for a step's activations beside the DiT's weights
+            tokens = shape[-2] * shape[-1]
+            self._place(self.transformer, sampling_bytes(config, forwards, tokens, self.transformer.dtype.itemsize))
         latent = sample_latents(self.transformer, noise, cond, cond_mask, uncond, uncond_mask, sampler=sampler,
                                 steps=steps, cfg=cfg, pag_scale=pag_scale, pag_layers=pag_layers, shift=shift,
                                 denoise=denoise, latent=clean, seed=seed, callback=callback,

@@ -69,6 +69,7 @@ DECODE_MAX_PIXELS = 1024  # latent pixels (batch x h x w: 1024 px images) up to 
 MIN_FREE_BYTES = 2 << 30  # free device memory under which every cached graph is dropped before a capture
 DECODE_BYTES_PER_PIXEL = 26 * 2**30 / 4096**2  # untiled bf16 DC-AE decode: 26 GiB at 4096 px (measured)
 DECODE_TILES = (2048, 1536, 1024, 768, 512, 384, 256)  # tile sides (pixels) a decode short of memory tries
+LOW_VRAM_TILE = 1024  # low VRAM: placed models are offloaded when a decode in tiles of this side does not fit
 MAX_TEXT_ENTRIES = 8  # cached instruction prefixes (~20 MB each for Gemma-2-2B in bf16) and negative captions
 ENV = "SANA_CUDA_GRAPHS"  # "0" / "false" / "off": never capture
 
@@ -415,7 +416,7 @@ class Placement:
             home = t.data.cpu()
             t.data = home.pin_memory() if pin and not home.is_pinned() else home
         self.homes = [t.data for t in self.tensors]
-        self.device, self.resident, self.hooks = None, len(self.blocks), []
+        self.device, self.resident, self.hooks, self.side = None, len(self.blocks), [], None
         self.loaded = {}  # streamed block index -> (device tensors, copy-done event or None)
         self.block_tensors = [_tensors_of(b) for b in self.blocks]
         self.block_homes = [[t.data for t in ts] for ts in self.block_tensors]  # (everything is at home now)
@@ -474,6 +475,8 @@ class Placement:
                 t.data = h
 
     def rest(self) -> None:
+        if self.loaded and self.side is not None:
+            self.side.synchronize()  # a prefetch still copying into memory that is about to be freed
         for hook in self.hooks:
             hook.remove()
         self.hooks, self.loaded, self.device = [], {}, None
@@ -631,10 +634,10 @@ class Runtime:
         B, _, h, w = latent.shape
         if device.type == "cuda":
             self._release_if_short(device, DECODE_BYTES_PER_PIXEL * B * h * w * ae.spatial_compression ** 2)
-            smallest = ae.activation_bytes(1, h, w, tile=DECODE_TILES[-1])
-            while self.placements and smallest > self.available(device) and \
+            wanted = ae.activation_bytes(1, h, w, tile=LOW_VRAM_TILE)
+            while self.placements and wanted > self.available(device) and \
                     self._offload_oldest(device, self._placement(ae)):
-                pass  # low VRAM: the DiT's weights make room when not even the smallest tile fits beside them
+                pass  # low VRAM: models placed before (the DiT) make room when a 1024 px tile does not fit
             free = self.available(device)
             if B > 1 and ae.activation_bytes(B, h, w) > free:
                 return torch.cat([self.decode(ae, latent[i:i + 1], between=between) for i in range(B)])
