@@ -16,8 +16,8 @@ SanaPipeline and the nodes' hosts each hold a Runtime and pass it where it acts:
 
 Low VRAM (Runtime(max_vram=...), SanaPipeline(max_vram=...), sana-run --max-vram): the models' weights live
 in pinned CPU memory and `place(model, device, reserve=...)` puts them on the GPU for their next use, within
-max_vram: whole when they fit beside the models placed before (those least recently placed are offloaded
-first when they do not), else block by block: the DiT's blocks (Gemma's layers) that fit stay on the GPU,
+max_vram beside the models placed before (those least recently placed are offloaded only when not even
+streaming fits): whole when they fit, else block by block: the DiT's blocks (Gemma's layers) that fit stay on the GPU,
 the others are copied in while the model runs, the next one prefetched on a side stream while the current
 one computes (quantized weights travel quantized), and dropped after use (Placement). `offload(model)`
 returns a model to its CPU copies (Gemma after encoding). Decodes tile to fit what is left.
@@ -69,7 +69,6 @@ DECODE_MAX_PIXELS = 1024  # latent pixels (batch x h x w: 1024 px images) up to 
 MIN_FREE_BYTES = 2 << 30  # free device memory under which every cached graph is dropped before a capture
 DECODE_BYTES_PER_PIXEL = 26 * 2**30 / 4096**2  # untiled bf16 DC-AE decode: 26 GiB at 4096 px (measured)
 DECODE_TILES = (2048, 1536, 1024, 768, 512, 384, 256)  # tile sides (pixels) a decode short of memory tries
-LOW_VRAM_TILE = 1024  # low VRAM: placed models are offloaded when a decode in tiles of this side does not fit
 MAX_TEXT_ENTRIES = 8  # cached instruction prefixes (~20 MB each for Gemma-2-2B in bf16) and negative captions
 ENV = "SANA_CUDA_GRAPHS"  # "0" / "false" / "off": never capture
 
@@ -420,6 +419,8 @@ class Placement:
         self.loaded = {}  # streamed block index -> (device tensors, copy-done event or None)
         self.block_tensors = [_tensors_of(b) for b in self.blocks]
         self.block_homes = [[t.data for t in ts] for ts in self.block_tensors]  # (everything is at home now)
+        self.home = {id(t): t.data for t in self.tensors}
+        self.inside = set()  # streamed blocks whose own call is running
         self.bytes = _nbytes(self.homes)
         self.block_bytes = [_nbytes(ts) for ts in self.block_tensors]
 
@@ -434,6 +435,11 @@ class Placement:
         for i in range(resident, len(self.blocks)):
             self.hooks += [self.blocks[i].register_forward_pre_hook(lambda m, a, i=i: self._enter(i)),
                            self.blocks[i].register_forward_hook(lambda m, a, o, i=i: self._leave(i))]
+            for part in self.blocks[i].modules():  # a layer called on its own (the caption's k/v once per sample)
+                own = [t for t in itertools.chain(part._parameters.values(), part._buffers.values()) if t is not None]
+                if part is not self.blocks[i] and own:
+                    self.hooks += [part.register_forward_pre_hook(lambda m, a, i=i, own=own: self._lend(i, own)),
+                                   part.register_forward_hook(lambda m, a, o, i=i, own=own: self._take_back(i, own))]
 
     def device_bytes(self) -> int:
         """Bytes this placement keeps on the device between calls."""
@@ -465,11 +471,24 @@ class Placement:
             torch.cuda.current_stream(self.device).wait_event(done)
         for t, c in zip(self.block_tensors[i], copies):
             t.data = c
+        self.inside.add(i)
         following = i + 1 if i + 1 < len(self.blocks) else self.resident  # the next call starts over
         if following != i and following not in self.loaded:
             self._fetch(following)
 
+    def _lend(self, i, own) -> None:
+        """A layer of streamed block i called outside the block's call: its own tensors, for this call only."""
+        if i not in self.inside:
+            for t in own:
+                t.data = self.home[id(t)].to(self.device, non_blocking=True)
+
+    def _take_back(self, i, own) -> None:
+        if i not in self.inside:
+            for t in own:
+                t.data = self.home[id(t)]
+
     def _leave(self, i) -> None:
+        self.inside.discard(i)
         if self.loaded.pop(i, None) is not None:
             for t, h in zip(self.block_tensors[i], self.block_homes[i]):
                 t.data = h
@@ -479,7 +498,7 @@ class Placement:
             self.side.synchronize()  # a prefetch still copying into memory that is about to be freed
         for hook in self.hooks:
             hook.remove()
-        self.hooks, self.loaded, self.device = [], {}, None
+        self.hooks, self.loaded, self.device, self.inside = [], {}, None, set()
         for t, home in zip(self.tensors, self.homes):
             t.data = home
 
@@ -540,9 +559,9 @@ class Runtime:
 
     def place(self, model, device, *, reserve: int = 0) -> Placement:
         """Put `model`'s weights (a SanaTransformer, TextEncoder or DCAE) on `device` for its next use, leaving
-        `reserve` bytes for its activations, within max_vram: whole when it fits beside the models placed
-        before, after offloading those (least recently placed first) when it does not, else with its blocks
-        streamed (the leading ones that fit stay). Raises MemoryError when not even streaming fits."""
+        `reserve` bytes for its activations, within max_vram, beside the models placed before: whole when it
+        fits, else with its blocks streamed (the leading ones that fit stay); the others are offloaded (least
+        recently placed first) only when not even that fits. Raises MemoryError when it does not fit alone."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -557,7 +576,7 @@ class Runtime:
             budget = self.available(device) - self.held_bytes(device) + mine - reserve - slack
             return resident_blocks(fixed, p.block_bytes, budget), budget
         resident, budget = plan()
-        while resident != len(p.blocks) and self._offload_oldest(device, keep=p):
+        while resident is None and self._offload_oldest(device, keep=p):
             resident, budget = plan()
         if resident is None:
             streamed = fixed + 2 * max(p.block_bytes, default=0)
@@ -634,10 +653,10 @@ class Runtime:
         B, _, h, w = latent.shape
         if device.type == "cuda":
             self._release_if_short(device, DECODE_BYTES_PER_PIXEL * B * h * w * ae.spatial_compression ** 2)
-            wanted = ae.activation_bytes(1, h, w, tile=LOW_VRAM_TILE)
-            while self.placements and wanted > self.available(device) and \
+            smallest = ae.activation_bytes(1, h, w, tile=DECODE_TILES[-1])
+            while self.placements and smallest > self.available(device) and \
                     self._offload_oldest(device, self._placement(ae)):
-                pass  # low VRAM: models placed before (the DiT) make room when a 1024 px tile does not fit
+                pass  # low VRAM: models placed before (the DiT) make room when not even the smallest tile fits
             free = self.available(device)
             if B > 1 and ae.activation_bytes(B, h, w) > free:
                 return torch.cat([self.decode(ae, latent[i:i + 1], between=between) for i in range(B)])

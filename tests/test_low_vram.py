@@ -94,16 +94,16 @@ def test_quantized_blocks_stream_in_their_stored_form(tmp_path):
     assert torch.equal(run(model), expected)
 
 
-def test_place_streams_what_does_not_fit_and_offloads_older_models_first():
+def test_place_streams_what_does_not_fit_and_offloads_older_models_only_when_streaming_does_not_fit():
     dit, other = tiny(0), tiny(1)
     size = sum(t.numel() * t.element_size() for t in dit.state_dict().values())
     runtime = Runtime(max_vram=size)
-    runtime.place(other, CPU)
-    assert runtime.placements[id(other)].resident == TINY.depth  # alone: whole
-    runtime.place(dit, CPU)  # the other model is offloaded first, then the DiT fits whole
-    assert runtime.placements[id(other)].device is None and runtime.placements[id(dit)].resident == TINY.depth
-    runtime.place(dit, CPU, reserve=block_bytes(dit))  # its activations need one block's room: one streams
-    assert runtime.placements[id(dit)].resident == TINY.depth - 3  # leaves room for two streamed blocks
+    runtime.place(dit, CPU)
+    assert runtime.placements[id(dit)].resident == TINY.depth  # alone: whole
+    runtime.place(dit, CPU, reserve=block_bytes(dit))  # its activations need one block's room: three stream
+    assert runtime.placements[id(dit)].resident == TINY.depth - 3  # (room for two streamed blocks)
+    runtime.place(other, CPU, reserve=size - 4 * block_bytes(dit))  # streams beside the DiT? no: offloads it
+    assert runtime.placements[id(dit)].device is None and runtime.placements[id(other)].device == CPU
     runtime.offload(dit)
     assert runtime.placements[id(dit)].device is None
     assert torch.equal(run(dit), run(tiny(0)))
@@ -151,3 +151,20 @@ def test_pipeline_max_vram_needs_a_gpu():
     from sana_core.pipeline import SanaPipeline
     with pytest.raises(ValueError, match="max_vram caps GPU memory"):
         SanaPipeline(tiny(), None, None, max_vram=7)
+
+
+def test_a_layer_of_a_streamed_block_called_on_its_own_gets_its_weights():
+    """encode_caption calls each block's cross-attention k/v layer outside the block's call."""
+    model = tiny()
+    expected = model.encode_caption(torch.randn(1, 6, TINY.caption_dim, generator=torch.Generator().manual_seed(0)))
+    p = Placement(model, model.blocks)
+    lend, lent = p._lend, []
+
+    def spy(i, own):
+        lent.append((i, own[0] is model.blocks[i].cross_attn.kv_linear.weight))
+        lend(i, own)
+    p._lend = spy
+    p.apply(CPU, resident=1)
+    got = model.encode_caption(torch.randn(1, 6, TINY.caption_dim, generator=torch.Generator().manual_seed(0)))
+    assert all(torch.equal(a, b) for x, y in zip(expected.kv, got.kv) for a, b in zip(x, y))
+    assert lent == [(1, True), (2, True), (3, True)]  # the streamed blocks' k/v layers, lent their weights
