@@ -188,13 +188,14 @@ def find_in(roots, name: str, folders) -> Path:
 class LocalHost:
     """Outside ComfyUI: one models directory in ComfyUI's layout, plain torch devices."""
 
-    def __init__(self, models_dir, *, device=None, output_dir="output", input_dir="."):
+    def __init__(self, models_dir, *, device=None, output_dir="output", input_dir=".", max_vram=None):
         self.models_dir = Path(models_dir)
         self.device = torch.device(device) if device else (
             torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
         self.output_dir, self.input_dir = Path(output_dir), Path(input_dir)
         self.previews, self.preview_size = False, 512  # a terminal shows no images
-        self.runtime = Runtime()
+        self.runtime = Runtime(max_vram=max_vram)  # max_vram: low VRAM, the runtime places every model
+        self.placed = {}  # low VRAM: id(model) -> ManagedModel placed by the runtime
 
     def roots(self, kind: str) -> list[Path]:
         return [self.models_dir / f for folder in MODEL_FOLDERS[kind]
@@ -242,6 +243,14 @@ class LocalHost:
         return patched
 
     def load(self, models, memory_required: int = 0) -> None:
+        if self.runtime.max_vram is not None:  # low VRAM: the runtime places each model
+            for other in list(self.placed.values()):  # Gemma is offloaded once another model needs the GPU
+                if other.kind == "text_encoder" and all(other.model is not m.model for m in models):
+                    self.unload(other)
+            for m in models:  # (a decode tiles to fit: it reserves nothing)
+                self.runtime.place(m.model, m.load_device, reserve=0 if m.kind == "autoencoder" else memory_required)
+                self.placed[id(m.model)] = m
+            return
         for m in models:
             module = module_of(m.model)
             first = next(iter(module.parameters()), None)
@@ -250,6 +259,9 @@ class LocalHost:
                 _weights_moved(m.model, self.runtime)
 
     def unload(self, m: ManagedModel) -> None:
+        if self.placed.pop(id(m.model), None) is not None:
+            self.runtime.offload(m.model)
+            return
         module_of(m.model).to(m.offload_device)
         _weights_moved(m.model, self.runtime)
 

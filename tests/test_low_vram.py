@@ -168,3 +168,48 @@ def test_a_layer_of_a_streamed_block_called_on_its_own_gets_its_weights():
     got = model.encode_caption(torch.randn(1, 6, TINY.caption_dim, generator=torch.Generator().manual_seed(0)))
     assert all(torch.equal(a, b) for x, y in zip(expected.kv, got.kv) for a, b in zip(x, y))
     assert lent == [(1, True), (2, True), (3, True)]  # the streamed blocks' k/v layers, lent their weights
+
+
+def test_sana_run_low_vram_streams_and_makes_the_same_image(tmp_path):
+    """sana-run's host with max_vram (here on the CPU): the demo workflow with the DiT's blocks (and Gemma's layers)
+    streamed gives the image it gives without; Gemma was offloaded once the DiT needed the GPU."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from sana_core.autoencoder import DCAE
+    from sana_core.demo import write_demo_models
+    from sana_nodes import host, runner
+    from sana_nodes.sampling import dit_memory_required
+    write_demo_models(tmp_path / "models")
+    workflow = Path(__file__).resolve().parents[1] / "workflows" / "api" / "sana_1024_text_to_image.json"
+
+    def image(max_vram):
+        local = host.LocalHost(tmp_path / "models", device="cpu", output_dir=tmp_path / str(max_vram),
+                               max_vram=max_vram)
+        previous, host._host = host._host, local
+        try:
+            prompt, _ = runner.load_workflow(str(workflow))
+            runner.use_demo_models(prompt)
+            runner.apply_sets(prompt, ["SANA Sampler.steps=2", "SanaEmptyLatent.preset=custom",
+                                       "SanaEmptyLatent.width=64", "SanaEmptyLatent.height=64"])
+            ui = runner.execute(prompt, log=lambda msg: None)
+        finally:
+            host._host = previous
+        out = next(i for o in ui.values() for i in o.get("images", []))
+        with Image.open(tmp_path / str(max_vram) / out["subfolder"] / out["filename"]) as png:
+            placed = {type(p.module).__name__: p for p in local.runtime.placements.values()}
+            return np.asarray(png), placed
+
+    plain, _ = image(None)
+    same, roomy = image(GiB)
+    dit, ae, te = roomy["SanaTransformer"], roomy[DCAE.__name__], roomy["ModuleList"]
+    assert dit.resident == len(dit.blocks) and ae.device == CPU and te.device is None  # Gemma left after encoding
+    assert np.array_equal(same, plain)
+    reserve = dit_memory_required(dit.module.config, 2, 4, 4)
+    tight, placed = image(max(dit.bytes + reserve, ae.bytes) + 1)  # no room for the DC-AE beside the DiT
+    assert placed["SanaTransformer"].device is None and placed[DCAE.__name__].device == CPU  # offloaded to decode
+    assert np.array_equal(tight, plain)
+    with pytest.raises(runner.WorkflowError, match="SanaSampler.*max_vram .* too small for the SanaTransformer"):
+        image(dit.bytes - sum(dit.block_bytes) + 2 * max(dit.block_bytes) + reserve - 1)
