@@ -4,6 +4,7 @@ from .conditioning import SanaTextEncode
 from .custom_sampling import SanaPAG, SanaSamplerSelect, SanaScheduler
 from .latent import SanaEmptyLatent
 from .loaders import SanaModelLoader, SanaTextEncoderLoader, SanaVAELoader
+from .quantize import SanaQuantizeModel
 from .sampling import SanaSampler
 from .vae import SanaVAEDecode, SanaVAEDecodeTiled, SanaVAEEncode
 
@@ -20,6 +21,7 @@ NODE_CLASS_MAPPINGS = {
     "SanaSamplerSelect": SanaSamplerSelect,
     "SanaScheduler": SanaScheduler,
     "SanaPAG": SanaPAG,
+    "SanaQuantizeModel": SanaQuantizeModel,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "SanaModelLoader": "SANA Model Loader",
@@ -34,4 +36,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SanaSamplerSelect": "SANA Sampler Select (SAMPLER)",
     "SanaScheduler": "SANA Scheduler (SIGMAS)",
     "SanaPAG": "SANA Perturbed-Attention Guidance",
+    "SanaQuantizeModel": "SANA Quantize Model (save)",
 }

@@ -37,6 +37,8 @@ MODEL_FOLDERS = {
 # ComfyUI's legacy folder names that still count (models/unet, models/clip).
 LEGACY_FOLDERS = {"diffusion_models": ("unet",), "text_encoders": ("clip",)}
 MODEL_EXTENSIONS = {".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin"}
+DIT_EXTENSIONS = MODEL_EXTENSIONS | {".gguf"}  # the DiT may be a GGUF file (sana_core.quantized_files)
+GGUF_FOLDER = "unet_gguf"  # ComfyUI: the .gguf files of diffusion_models, as ComfyUI-GGUF registers them
 # A folder holding one of these is a model (HF/diffusers layout), listed as one entry.
 FOLDER_MARKERS = ("config.json", "model_index.json")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -146,7 +148,7 @@ def _weights_moved(model, runtime) -> None:
 # ---------------------------------------------------------------------------------------------
 # Model files: names as ComfyUI lists them (paths relative to a model folder, '/' separated).
 
-def list_names(roots, files=None) -> list[str]:
+def list_names(roots, files=None, extensions=MODEL_EXTENSIONS) -> list[str]:
     """What a loader lists: model files, and model folders (a folder with config.json, e.g. an HF
     Gemma folder or a diffusers component) as one entry instead of their shards. `files`: the
     relative file names ComfyUI already listed (its cached recursive listing), else walked here."""
@@ -155,7 +157,7 @@ def list_names(roots, files=None) -> list[str]:
         if not root.is_dir():
             continue
         listed = files if files is not None else [
-            p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in MODEL_EXTENSIONS]
+            p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in extensions]
         is_model = {}  # folder -> holds config.json
         for name in listed:
             if not (root / name).is_file():
@@ -202,7 +204,7 @@ class LocalHost:
                 for f in (folder,) + LEGACY_FOLDERS.get(folder, ())]
 
     def list_models(self, kind: str) -> list[str]:
-        return list_names(self.roots(kind))
+        return list_names(self.roots(kind), extensions=DIT_EXTENSIONS if kind == "transformer" else MODEL_EXTENSIONS)
 
     def find_model(self, kind: str, name: str) -> Path:
         return find_in(self.roots(kind), name, MODEL_FOLDERS[kind])
@@ -319,6 +321,9 @@ class ComfyHost:
         library = logging.getLogger("sana_core")  # its warnings shown on the running node, not only in the log
         library.handlers = [h for h in library.handlers if not isinstance(h, WarningsOnNode)] + [WarningsOnNode()]
         self.family = importlib.import_module(__package__ + ".comfy_family")
+        folders = self.folder_paths.folder_names_and_paths
+        if GGUF_FOLDER not in folders and "diffusion_models" in folders:  # the same paths (list), .gguf files only
+            folders[GGUF_FOLDER] = (folders["diffusion_models"][0], {".gguf"})
 
     def roots(self, kind: str) -> list[Path]:
         return [Path(p) for folder in MODEL_FOLDERS[kind] for p in self._folder_paths(folder)]
@@ -335,6 +340,8 @@ class ComfyHost:
             roots = self._folder_paths(folder)
             if roots:  # ComfyUI's cached recursive listing, minus the insides of model folders
                 names.update(list_names(roots, self.folder_paths.get_filename_list(folder)))
+        if kind == "transformer" and self._folder_paths(GGUF_FOLDER):
+            names.update(list_names(self._folder_paths(GGUF_FOLDER), self.folder_paths.get_filename_list(GGUF_FOLDER)))
         return sorted(names)
 
     def find_model(self, kind: str, name: str) -> Path:
