@@ -17,9 +17,9 @@ SanaPipeline and the nodes' hosts each hold a Runtime and pass it where it acts:
 Low VRAM (Runtime(max_vram=...), SanaPipeline(max_vram=...), sana-run --max-vram): the models' weights live
 in pinned CPU memory and `place(model, device, reserve=...)` puts them on the GPU for their next use, within
 max_vram beside the models placed before (those least recently placed are offloaded only when not even
-streaming fits): whole when they fit, else block by block: the DiT's blocks (Gemma's layers) that fit stay on the GPU,
-the others are copied in while the model runs, the next one prefetched on a side stream while the current
-one computes (quantized weights travel quantized), and dropped after use (Placement). `offload(model)`
+streaming fits): whole when they fit, else block by block: the DiT's blocks (Gemma's layers) that fit stay on
+the GPU, the others are copied in while the model runs, the next one prefetched on a side stream while the
+current one computes (quantized weights travel quantized), and dropped after use (Placement). `offload(model)`
 returns a model to its CPU copies (Gemma after encoding). Decodes tile to fit what is left.
 
 When a call is captured: the first call of a key (module, caller's key, shapes) with given weights runs
@@ -414,23 +414,21 @@ class Placement:
         for t in self.tensors:  # the home copies: made once, reused by every placement
             home = t.data.cpu()
             t.data = home.pin_memory() if pin and not home.is_pinned() else home
-        self.homes = [t.data for t in self.tensors]
+        self.home = {id(t): t.data for t in self.tensors}  # id(tensor) -> its CPU copy
         self.device, self.resident, self.hooks, self.side = None, len(self.blocks), [], None
         self.loaded = {}  # streamed block index -> (device tensors, copy-done event or None)
-        self.block_tensors = [_tensors_of(b) for b in self.blocks]
-        self.block_homes = [[t.data for t in ts] for ts in self.block_tensors]  # (everything is at home now)
-        self.home = {id(t): t.data for t in self.tensors}
         self.inside = set()  # streamed blocks whose own call is running
-        self.bytes = _nbytes(self.homes)
+        self.block_tensors = [_tensors_of(b) for b in self.blocks]
+        self.bytes = _nbytes(self.home.values())
         self.block_bytes = [_nbytes(ts) for ts in self.block_tensors]
 
     def apply(self, device, resident: int) -> None:
         self.rest()
         self.device, self.resident = torch.device(device), resident
         streamed = {id(t) for ts in self.block_tensors[resident:] for t in ts}
-        for t, home in zip(self.tensors, self.homes):
+        for t in self.tensors:
             if id(t) not in streamed:
-                t.data = home.to(self.device, non_blocking=True)
+                t.data = self.home[id(t)].to(self.device, non_blocking=True)
         self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         for i in range(resident, len(self.blocks)):
             self.hooks += [self.blocks[i].register_forward_pre_hook(lambda m, a, i=i: self._enter(i)),
@@ -448,7 +446,7 @@ class Placement:
         return self.bytes - sum(self.block_bytes[self.resident:])
 
     def _fetch(self, i) -> None:
-        homes = self.block_homes[i]
+        homes = [self.home[id(t)] for t in self.block_tensors[i]]
         copies = [torch.empty_like(h, device=self.device) for h in homes]  # the compute stream's memory
         if self.side is None:
             for c, h in zip(copies, homes):
@@ -490,8 +488,8 @@ class Placement:
     def _leave(self, i) -> None:
         self.inside.discard(i)
         if self.loaded.pop(i, None) is not None:
-            for t, h in zip(self.block_tensors[i], self.block_homes[i]):
-                t.data = h
+            for t in self.block_tensors[i]:
+                t.data = self.home[id(t)]
 
     def rest(self) -> None:
         if self.loaded and self.side is not None:
@@ -499,8 +497,8 @@ class Placement:
         for hook in self.hooks:
             hook.remove()
         self.hooks, self.loaded, self.device, self.inside = [], {}, None, set()
-        for t, home in zip(self.tensors, self.homes):
-            t.data = home
+        for t in self.tensors:
+            t.data = self.home[id(t)]
 
 
 class Runtime:
@@ -615,7 +613,7 @@ class Runtime:
 
     def weights_fingerprint(self, module) -> tuple:
         """fingerprint(module), with placed tensors named by their CPU copies: the same while they are placed."""
-        homes = {id(t): h for p in self.placements.values() for t, h in zip(p.tensors, p.homes)}
+        homes = {k: h for p in self.placements.values() for k, h in p.home.items()}
         return tuple((t.device, t.dtype, tuple(t.shape), t.data_ptr()) for t in
                      (homes.get(id(x), x) for x in itertools.chain(module.parameters(), module.buffers())))
 

@@ -112,7 +112,8 @@ def test_place_streams_what_does_not_fit_and_offloads_older_models_only_when_str
 def test_what_cannot_fit_says_what_needs_how_much_and_what_to_change():
     model = tiny()
     runtime = Runtime(max_vram=2 * block_bytes(model))  # not even the fixed part beside two blocks
-    with pytest.raises(MemoryError, match=r"max_vram .* SanaTransformer.*streamed one by one.*Raise max_vram.*quantized"):
+    with pytest.raises(MemoryError, match=r"max_vram .* SanaTransformer.*streamed one by one.*Raise max_vram"
+                                          r".*quantized"):
         runtime.place(model, CPU)
 
 
