@@ -62,10 +62,10 @@ def quantize(w, fmt):
     return QuantizedTensor(data.contiguous(), "Q8_0", w.shape)
 
 
-def quantized_copy(dit, fmt):
+def quantized_copy(dit, fmt, operations=None):
     tensors = {k: quantize(v, fmt) if matrices(k, v) else v for k, v in dit.state_dict().items()}
     with torch.device("meta"):
-        model = T.SanaTransformer(dit.config, dtype=dit.dtype)
+        model = T.SanaTransformer(dit.config, dtype=dit.dtype, operations=operations)
     return load_quantized_weights(model, tensors, {QUANTIZATION_KEY: fmt}, device=dit.device, dtype=dit.dtype).eval()
 
 
