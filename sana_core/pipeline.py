@@ -38,6 +38,8 @@ class SanaPipeline:
         self.runtime = Runtime() if runtime is None else runtime
         self._device = None  # low VRAM: the GPU the phases are placed on
         if max_vram is not None:
+            if devices is not None:
+                raise ValueError("max_vram caps one GPU's memory; it does not combine with devices=[...]: give one")
             self.runtime.max_vram = vram_bytes(max_vram)
             device = transformer.device
             if device.type != "cuda" and not torch.cuda.is_available():

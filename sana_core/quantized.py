@@ -117,19 +117,16 @@ class QuantizedLayer:
 
     def dequantized_weight(self, dtype, device) -> torch.Tensor:
         """The weight to compute with, in dtype on device (ComfyUI's patches applied)."""
-        if not self.stored():
+        if not self.stored():  # a plain layer, or one ComfyUI patched whole
             weight = self.weight.to(device=device, dtype=dtype)
-        elif self.weight_function:  # ComfyUI's LowVramPatch: stored form (as float32) -> patched weight
-            weight = self.weight.to(device, non_blocking=True).float()
-            for f in self.weight_function:
-                weight = f(weight)
-            return weight.to(dtype)
-        else:
+        elif not self.weight_function:
             return dequantize(self.weight, self.qtype, self.weight_shape, dtype, getattr(self, "scale_weight", None),
                               device)
+        else:  # ComfyUI's low-VRAM patches (its LowVramPatch: convert, patch, set) take the stored form as float32
+            weight = self.weight.to(device).float()
         for f in self.weight_function:
             weight = f(weight)
-        return weight
+        return weight.to(dtype)
 
     def convert_weight(self, weight, inplace=False) -> torch.Tensor:
         """ComfyUI (patching): the float32 weight that the stored form, read as float32, encodes."""
