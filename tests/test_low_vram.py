@@ -171,9 +171,10 @@ def test_a_layer_of_a_streamed_block_called_on_its_own_gets_its_weights():
     assert lent == [(1, True), (2, True), (3, True)]  # the streamed blocks' k/v layers, lent their weights
 
 
-def test_sana_run_low_vram_streams_and_makes_the_same_image(tmp_path):
-    """sana-run's host with max_vram (here on the CPU): the demo workflow with the DiT's blocks (and Gemma's layers)
-    streamed gives the image it gives without; Gemma was offloaded once the DiT needed the GPU."""
+def test_sana_run_low_vram_places_each_model_and_makes_the_same_image(tmp_path):
+    """sana-run's host with max_vram (here on the CPU; the demo models have two blocks, too few to stream): the
+    demo workflow gives the image it gives without; Gemma is offloaded once the DiT needs the memory, the DiT
+    when the DC-AE does not fit beside it; a cap too small for the DiT is the sampler node's clear error."""
     from pathlib import Path
 
     import numpy as np
