@@ -6,6 +6,7 @@ from .custom_sampling import SanaPAG, SanaSamplerSelect, SanaScheduler
 from .latent import SanaEmptyLatent
 from .loaders import SanaModelLoader, SanaTextEncoderLoader, SanaVAELoader
 from .lora import SanaLoraLoader
+from .quantize import SanaQuantizeModel
 from .sampling import SanaSampler
 from .vae import SanaVAEDecode, SanaVAEDecodeTiled, SanaVAEEncode
 
@@ -24,6 +25,7 @@ NODE_CLASS_MAPPINGS = {
     "SanaPAG": SanaPAG,
     "SanaControlNetLoader": SanaControlNetLoader,
     "SanaLoraLoader": SanaLoraLoader,
+    "SanaQuantizeModel": SanaQuantizeModel,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "SanaModelLoader": "SANA Model Loader",
@@ -40,4 +42,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SanaPAG": "SANA Perturbed-Attention Guidance",
     "SanaControlNetLoader": "SANA ControlNet Loader",
     "SanaLoraLoader": "SANA LoRA Loader",
+    "SanaQuantizeModel": "SANA Quantize Model (save)",
 }

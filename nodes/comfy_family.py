@@ -19,6 +19,7 @@ import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.samplers
 import comfy.sd
 import comfy.supported_models_base
@@ -151,8 +152,28 @@ class SanaModel(comfy.model_base.BaseModel):
 
 def model_patcher(managed):
     """MODEL for a loaded SanaTransformer."""
-    return comfy.model_patcher.ModelPatcher(SanaModel(managed), load_device=managed.load_device,
-                                            offload_device=managed.offload_device)
+    patcher = comfy.model_patcher.ModelPatcher(SanaModel(managed), load_device=managed.load_device,
+                                               offload_device=managed.offload_device)
+    patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, load_plain_parameters)  # clones keep it
+    return patcher
+
+
+def load_plain_parameters(patcher, device_to, *args) -> None:
+    """ModelPatcher.load patches on the fly (low VRAM) only the weights of comfy.ops layers, and moves and patches
+    other weights only when their module has no child layers and fits: the adaLN tables (blocks.N.scale_shift_table,
+    final_layer.scale_shift_table) sit beside child layers and are skipped by every load, and a partial load
+    leaves the RMSNorm weights that did not fit on the CPU, their patches (a LoRA's) unapplied. They are small:
+    patched (once per load: ModelPatcher's backup says whether) and moved here; unpatch_model restores them."""
+    for name, module in patcher.model.named_modules():
+        if hasattr(module, "comfy_cast_weights"):
+            continue  # comfy.ops layers: ModelPatcher's own
+        for attr, param in module.named_parameters(recurse=False):
+            key = f"{name}.{attr}"
+            if key in patcher.patches:
+                if key not in patcher.backup:
+                    patcher.patch_weight_to_device(key, device_to=device_to)
+            elif device_to is not None:
+                param.data = param.data.to(device_to)
 
 
 # ---------------------------------------------------------------------------------------------- CLIP

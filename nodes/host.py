@@ -39,6 +39,8 @@ MODEL_FOLDERS = {
 # ComfyUI's legacy folder names that still count (models/unet, models/clip).
 LEGACY_FOLDERS = {"diffusion_models": ("unet",), "text_encoders": ("clip",)}
 MODEL_EXTENSIONS = {".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin"}
+DIT_EXTENSIONS = MODEL_EXTENSIONS | {".gguf"}  # the DiT may be a GGUF file (sana_core.quantized_files)
+GGUF_FOLDER = "unet_gguf"  # ComfyUI: the .gguf files of diffusion_models, as ComfyUI-GGUF registers them
 # A folder holding one of these is a model (HF/diffusers layout), listed as one entry.
 FOLDER_MARKERS = ("config.json", "model_index.json")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -149,7 +151,7 @@ def _weights_moved(model, runtime) -> None:
 # ---------------------------------------------------------------------------------------------
 # Model files: names as ComfyUI lists them (paths relative to a model folder, '/' separated).
 
-def list_names(roots, files=None) -> list[str]:
+def list_names(roots, files=None, extensions=MODEL_EXTENSIONS) -> list[str]:
     """What a loader lists: model files, and model folders (a folder with config.json, e.g. an HF
     Gemma folder or a diffusers component) as one entry instead of their shards. `files`: the
     relative file names ComfyUI already listed (its cached recursive listing), else walked here."""
@@ -158,7 +160,7 @@ def list_names(roots, files=None) -> list[str]:
         if not root.is_dir():
             continue
         listed = files if files is not None else [
-            p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in MODEL_EXTENSIONS]
+            p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in extensions]
         is_model = {}  # folder -> holds config.json
         for name in listed:
             if not (root / name).is_file():
@@ -191,20 +193,21 @@ def find_in(roots, name: str, folders) -> Path:
 class LocalHost:
     """Outside ComfyUI: one models directory in ComfyUI's layout, plain torch devices."""
 
-    def __init__(self, models_dir, *, device=None, output_dir="output", input_dir="."):
+    def __init__(self, models_dir, *, device=None, output_dir="output", input_dir=".", max_vram=None):
         self.models_dir = Path(models_dir)
         self.device = torch.device(device) if device else (
             torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
         self.output_dir, self.input_dir = Path(output_dir), Path(input_dir)
         self.previews, self.preview_size = False, 512  # a terminal shows no images
-        self.runtime = Runtime()
+        self.runtime = Runtime(max_vram=max_vram)  # max_vram: low VRAM, the runtime places every model
+        self.placed = {}  # low VRAM: id(model) -> ManagedModel placed by the runtime
 
     def roots(self, kind: str) -> list[Path]:
         return [self.models_dir / f for folder in MODEL_FOLDERS[kind]
                 for f in (folder,) + LEGACY_FOLDERS.get(folder, ())]
 
     def list_models(self, kind: str) -> list[str]:
-        return list_names(self.roots(kind))
+        return list_names(self.roots(kind), extensions=DIT_EXTENSIONS if kind == "transformer" else MODEL_EXTENSIONS)
 
     def find_model(self, kind: str, name: str) -> Path:
         return find_in(self.roots(kind), name, MODEL_FOLDERS[kind])
@@ -252,7 +255,18 @@ class LocalHost:
         return patched
 
     def load(self, models, memory_required: int = 0) -> None:
-        from sana_core.lora import set_loras
+        from sana_core.lora import loras_merged, set_loras
+        if self.runtime.max_vram is not None:  # low VRAM: the runtime places each model
+            for other in list(self.placed.values()):  # Gemma is offloaded once another model needs the GPU
+                if other.kind == "text_encoder" and all(other.model is not m.model for m in models):
+                    self.unload(other)
+            for m in models:  # (a decode tiles to fit: it reserves nothing)
+                if m.kind == "transformer" and not loras_merged(m.model, m.loras):
+                    self.runtime.offload(m.model)  # LoRAs merge into the weights' CPU copies
+                    set_loras(m.model, m.loras)
+                self.runtime.place(m.model, m.load_device, reserve=0 if m.kind == "autoencoder" else memory_required)
+                self.placed[id(m.model)] = m
+            return
         for m in models:
             module = module_of(m.model)
             first = next(iter(module.parameters()), None)
@@ -263,6 +277,9 @@ class LocalHost:
                 set_loras(m.model, m.loras)
 
     def unload(self, m: ManagedModel) -> None:
+        if self.placed.pop(id(m.model), None) is not None:
+            self.runtime.offload(m.model)
+            return
         module_of(m.model).to(m.offload_device)
         _weights_moved(m.model, self.runtime)
 
@@ -320,6 +337,9 @@ class ComfyHost:
         library = logging.getLogger("sana_core")  # its warnings shown on the running node, not only in the log
         library.handlers = [h for h in library.handlers if not isinstance(h, WarningsOnNode)] + [WarningsOnNode()]
         self.family = importlib.import_module(__package__ + ".comfy_family")
+        folders = self.folder_paths.folder_names_and_paths
+        if GGUF_FOLDER not in folders and "diffusion_models" in folders:  # the same paths (list), .gguf files only
+            folders[GGUF_FOLDER] = (folders["diffusion_models"][0], {".gguf"})
 
     def roots(self, kind: str) -> list[Path]:
         return [Path(p) for folder in MODEL_FOLDERS[kind] for p in self._folder_paths(folder)]
@@ -336,6 +356,8 @@ class ComfyHost:
             roots = self._folder_paths(folder)
             if roots:  # ComfyUI's cached recursive listing, minus the insides of model folders
                 names.update(list_names(roots, self.folder_paths.get_filename_list(folder)))
+        if kind == "transformer" and self._folder_paths(GGUF_FOLDER):
+            names.update(list_names(self._folder_paths(GGUF_FOLDER), self.folder_paths.get_filename_list(GGUF_FOLDER)))
         return sorted(names)
 
     def find_model(self, kind: str, name: str) -> Path:

@@ -490,6 +490,10 @@ def main(argv=None, worker=None) -> int:
     parser.add_argument("--output", default="output", help="folder for the images (default: ./output)")
     parser.add_argument("--input", default=".", help="folder LoadImage reads from (default: .)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    parser.add_argument("--max-vram", metavar="GIB", type=float,
+                        help="low VRAM: the GPU memory to use, in GiB (e.g. 7 on an 8 GB card): models wait in CPU "
+                             "memory, the DiT streams its blocks when it does not fit, Gemma leaves after encoding, "
+                             "the decode tiles")
     parser.add_argument("--devices", metavar="0,1",
                         help="one image on several GPUs (one process each; 'cpu,cpu': CPU processes)")
     parser.add_argument("--demo", action="store_true",
@@ -505,6 +509,10 @@ def main(argv=None, worker=None) -> int:
     say = (lambda msg: print(msg, file=sys.stderr)) if worker is None else (lambda msg: None)  # noqa: E731
     if not args.workflow and not args.write_demo_models:
         parser.error("give a workflow file, or --write-demo-models DIR")
+    if args.max_vram is not None and (args.devices or args.cpu):
+        parser.error("--max-vram caps one GPU's memory: leave out --devices and --cpu")
+    if args.max_vram is not None and not torch.cuda.is_available():
+        parser.error("--max-vram caps GPU memory, but no CUDA GPU is available here: leave it out")
     try:
         if args.write_demo_models:
             from sana_core.demo import write_demo_models
@@ -519,7 +527,7 @@ def main(argv=None, worker=None) -> int:
                                    models_dir=args.models, output_dir=args.output, input_dir=args.input))
         else:
             host.use(host.LocalHost(args.models, device="cpu" if args.cpu else None, output_dir=args.output,
-                                    input_dir=args.input))
+                                    input_dir=args.input, max_vram=args.max_vram))
         prompt, ui_workflow = load_workflow(args.workflow)
         if args.to_api:
             print(json.dumps(prompt, indent=2))

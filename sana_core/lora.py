@@ -358,11 +358,16 @@ def unload_loras(model) -> None:
     _recompute(model, state, keys)
 
 
+def loras_merged(model, loras) -> bool:
+    """Whether the merged LoRAs are exactly `loras` ([(Lora, strength)], in order)."""
+    applied = merged_loras(model).applied
+    return [(id(lora), s) for lora, s in applied] == [(id(lora), float(s)) for lora, s in loras]
+
+
 def set_loras(model, loras) -> None:
     """Make the merged LoRAs exactly `loras` ([(Lora, strength)], in order); nothing to do when they already are
     (sana-run's stand-in MODEL carries its LoRAs and the host sets them before the DiT computes)."""
-    state = merged_loras(model)
-    if [(id(lora), s) for lora, s in state.applied] == [(id(lora), float(s)) for lora, s in loras]:
+    if loras_merged(model, loras):
         return
     unload_loras(model)
     for lora, strength in loras:

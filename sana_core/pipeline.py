@@ -9,7 +9,7 @@ from . import resolution, samplers
 from .controlnet import encode_hint
 from .guidance import sample_latents
 from .presets import SAMPLER_STEPS, base_resolution, defaults_for, pairing_error
-from .runtime import Runtime
+from .runtime import TEXT_RESERVE, Runtime, sampling_bytes, vram_bytes
 from .text_encoder import not_finite_error
 
 
@@ -23,14 +23,29 @@ class SanaPipeline:
     SANA_CUDA_GRAPHS=0). devices=[0, 1]: one image on several GPUs (sana_core.parallel: worker
     processes, or torchrun's; no CUDA graphs then); plan (a parallel.Plan) and timeout (seconds per
     collective) tune it.
+    max_vram: low VRAM, the GPU memory this pipeline may use: a number of GiB (7, 7.5), of bytes (above 1024)
+    or a string ('7GiB', '6000MiB'). The models may then be loaded on the CPU (load_*(..., device="cpu")); each
+    phase puts its model on the GPU (Runtime.place): Gemma for encoding, offloaded after it; the DiT whole when it
+    fits, else with its blocks streamed from pinned CPU memory (the next one prefetched while one computes;
+    quantized files stream quantized); the decode tiled to fit. Images are the same as without it.
+    A MemoryError says what does not fit and what to change.
     """
 
     def __init__(self, transformer, autoencoder, text_encoder, *, runtime=None, devices=None, plan=None,
-                 timeout=None):
+                 timeout=None, max_vram=None):
         self.transformer = transformer
         self.autoencoder = autoencoder
         self.text_encoder = text_encoder
         self.runtime = Runtime() if runtime is None else runtime
+        self._device = None  # low VRAM: the GPU the phases are placed on
+        if max_vram is not None:
+            if devices is not None:
+                raise ValueError("max_vram caps one GPU's memory; it does not combine with devices=[...]: give one")
+            self.runtime.max_vram = vram_bytes(max_vram)
+            device = transformer.device
+            if device.type != "cuda" and not torch.cuda.is_available():
+                raise ValueError("max_vram caps GPU memory, but no CUDA GPU is available here: leave it out")
+            self._device = device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
         self._text_encoder_offloaded = False
         self.parallel = None  # sana_core.parallel.Session when devices are given
         if devices is not None:
@@ -44,17 +59,24 @@ class SanaPipeline:
 
     @property
     def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
+        return self._device or next(self.transformer.parameters()).device
+
+    def _place(self, model, reserve=0) -> None:
+        """Low VRAM: `model` on the GPU for its phase (Runtime.place); nothing to do otherwise."""
+        if self._device is not None:
+            self.runtime.place(model, self._device, reserve=reserve)
 
     def load_lora(self, path, strength: float = 1.0):
         """Merge a LoRA file into the transformer (stacks with those loaded before; a negative strength
         subtracts it). Returns the sana_core.lora.Lora; its `unmatched` lists the keys that matched nothing."""
         from .lora import apply_lora
+        self.runtime.offload(self.transformer)  # low VRAM: merged into the weights' CPU copies
         return apply_lora(self.transformer, path, strength)
 
     def unload_loras(self) -> None:
         """Take every LoRA out: the transformer's original weights back, bit for bit."""
         from .lora import unload_loras
+        self.runtime.offload(self.transformer)
         unload_loras(self.transformer)
 
     def __call__(self, prompt, negative_prompt="", width=None, height=None, aspect_ratio=None, steps=None, cfg=None,
@@ -107,6 +129,7 @@ class SanaPipeline:
                                  f"image(s) of {width}x{height}")
             noise = latents.float()
         clean = None
+        self._place(self.autoencoder)
         if image is not None:
             clean = self._encode_image(image, width, height, batch)
 
@@ -116,8 +139,12 @@ class SanaPipeline:
         controls = () if controlnet is None else [
             (controlnet, encode_hint(self.autoencoder, control_image, width, height), control_scale)]
         forwards = batch * (1 + (cfg != 1.0 and not config.sprint) + (pag_scale != 0))
-        self._text_encoder_offloaded |= self.runtime.offload_text_encoder_if_short(
-            self.text_encoder, self.transformer, forwards=forwards, width=width, height=height)
+        if self._device is None:
+            self._text_encoder_offloaded |= self.runtime.offload_text_encoder_if_short(
+                self.text_encoder, self.transformer, forwards=forwards, width=width, height=height)
+        else:  # room for a step's activations beside the DiT's weights
+            tokens = shape[-2] * shape[-1]
+            self._place(self.transformer, sampling_bytes(config, forwards, tokens, self.transformer.dtype.itemsize))
         latent = sample_latents(self.transformer, noise, cond, cond_mask, uncond, uncond_mask, sampler=sampler,
                                 steps=steps, cfg=cfg, pag_scale=pag_scale, pag_layers=pag_layers, shift=shift,
                                 denoise=denoise, latent=clean, seed=seed, callback=callback,
@@ -125,6 +152,7 @@ class SanaPipeline:
                                 runtime=self.runtime if self.parallel is None else None)
         if output == "latent":
             return latent
+        self._place(self.autoencoder)
         with torch.no_grad():
             pixels = self.runtime.decode(self.autoencoder, latent)  # float32 latent: it unscales before casting
         finite = torch.isfinite(pixels).all()  # read once the images are on the host: no wait of its own
@@ -183,10 +211,19 @@ class SanaPipeline:
 
     def _encode_prompts(self, prompts, negative_prompt, batch_size, need_uncond):
         device = self.device
+        if self._device is not None:  # low VRAM: Gemma on the GPU for encoding only
+            self._place(self.text_encoder, TEXT_RESERVE)
+            try:
+                return self._encode_prompts_on(device, prompts, negative_prompt, batch_size, need_uncond)
+            finally:
+                self.runtime.offload(self.text_encoder)
         if self._text_encoder_offloaded and device.type != "cpu":
             self.runtime.release()  # memory is short (why it was offloaded): the graphs' pool makes room for Gemma
             self.text_encoder.to(device)
             self._text_encoder_offloaded = False
+        return self._encode_prompts_on(device, prompts, negative_prompt, batch_size, need_uncond)
+
+    def _encode_prompts_on(self, device, prompts, negative_prompt, batch_size, need_uncond):
         with torch.no_grad():
             cond, cond_mask = self.runtime.encode_text(self.text_encoder, prompts, check=False)  # see __call__
             uncond = uncond_mask = None

@@ -9,8 +9,12 @@ Two families of stored forms, read by quantized_files.py:
 
 `quantized_ops` is an `operations` set (ComfyUI's comfy.ops style): Linear and Conv2d that behave as torch's
 until they hold a QuantizedTensor, then keep its stored form as their `weight` parameter (so memory
-managers move and count the real bytes) and dequantize it at every call into the input's dtype and device,
-then apply ComfyUI's `weight_function` patches (low-VRAM LoRA) to the dequantized weight.
+managers move and count the real bytes) and dequantize it at every call into the input's dtype and device.
+ComfyUI's weight patches (a LoRA) follow its own fp8 layers' convention: `convert_weight` turns the stored form
+(read as float32) into the float weight, `set_weight` takes the patched float weight. A layer ComfyUI loads
+whole is patched once (its weight parameter then is the patched weight in the compute dtype until ComfyUI puts
+the stored form back); a layer it leaves on the CPU (low VRAM) keeps its stored form and its `weight_function`
+patches (ComfyUI's LowVramPatch: convert, patch, set) turn the stored form into the patched weight at each call.
 load_quantized_weights puts a file's quantized tensors into the DiT's blocks: every Linear and 1x1 Conv2d
 there (attention projections and the Mix-FFN's 1x1 convs, ~97% of the weights) keeps its stored form;
 every other quantized tensor (embedders, t_block, final layer, depthwise conv, norms) is dequantized once
@@ -93,28 +97,51 @@ class QuantizedLayer:
     bias_function = []
     qtype = None  # None: a plain float layer
     weight_shape = None
+    compute_dtype = None  # a quantized layer's float dtype (the model's)
 
     def hold(self, q: QuantizedTensor, device) -> None:
         """Keep q's stored form as this layer's weight (on device); the bias is left as it is."""
         if tuple(q.shape) != tuple(self.weight.shape):
             raise CheckpointError(f"quantized weight of shape {list(q.shape)}, the layer expects "
                                   f"{list(self.weight.shape)}")
+        self.compute_dtype = self.weight.dtype  # the model's: what a patched weight is kept in
         self.weight = nn.Parameter(q.data.to(device), requires_grad=False)
         self.qtype, self.weight_shape = q.qtype, q.shape
         for name, value in (("scale_weight", q.scale), ("scale_input", q.input_scale)):
             if value is not None:
                 self.register_parameter(name, nn.Parameter(value.to(device, torch.float32), requires_grad=False))
 
+    def stored(self) -> bool:
+        """Whether the weight parameter holds the stored form (not a plain or a patched float weight)."""
+        return self.qtype is not None and (self.weight.dtype == torch.uint8 or self.weight.dtype in FP8.values())
+
     def dequantized_weight(self, dtype, device) -> torch.Tensor:
-        """The weight to compute with, in dtype on device."""
-        if self.qtype is None:
+        """The weight to compute with, in dtype on device (ComfyUI's patches applied)."""
+        if not self.stored():  # a plain layer, or one ComfyUI patched whole
             weight = self.weight.to(device=device, dtype=dtype)
-        else:
-            weight = dequantize(self.weight, self.qtype, self.weight_shape, dtype,
-                                getattr(self, "scale_weight", None), device)
+        elif not self.weight_function:
+            return dequantize(self.weight, self.qtype, self.weight_shape, dtype, getattr(self, "scale_weight", None),
+                              device)
+        else:  # ComfyUI's low-VRAM patches (its LowVramPatch: convert, patch, set) take the stored form as float32
+            weight = self.weight.to(device).float()
         for f in self.weight_function:
             weight = f(weight)
-        return weight
+        return weight.to(dtype)
+
+    def convert_weight(self, weight, inplace=False) -> torch.Tensor:
+        """ComfyUI (patching): the float32 weight that the stored form, read as float32, encodes."""
+        if not self.stored():
+            return weight
+        data = weight.to(self.weight.dtype)  # exact: bytes 0..255 / fp8 values
+        return dequantize(data, self.qtype, self.weight_shape, torch.float32, getattr(self, "scale_weight", None))
+
+    def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False):
+        """ComfyUI (patching): the patched float weight: returned (return_weight, a low-VRAM call), else kept as
+        this layer's weight in the compute dtype until ComfyUI restores the stored form."""
+        if return_weight:
+            return weight
+        dtype = self.compute_dtype if self.stored() else self.weight.dtype
+        self.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
 
     def cast_bias(self, x):
         bias = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)

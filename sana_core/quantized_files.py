@@ -150,13 +150,15 @@ def _metadata(fmt: str, config_json: str | None) -> dict:
     return meta
 
 
-def write_scaled_fp8(state_dict: dict, path, *, config_json=None) -> None:
+def write_scaled_fp8(state_dict: dict, path, *, config_json=None, progress=None) -> None:
     """ComfyUI's scaled fp8 layout: the blocks' matrices as float8_e4m3fn with a float32 `scale_weight`
     each (amax / 448: weight = fp8 x scale), a `scaled_fp8` marker of two e4m3fn values (ComfyUI: weights
     only, no fp8 matmul with unit input scales), everything else as it was."""
     fp8 = FP8["fp8_e4m3fn"]
     out = {}
-    for name, t in state_dict.items():
+    for i, (name, t) in enumerate(state_dict.items()):
+        if progress is not None:
+            progress(i, len(state_dict))
         if not _quantized_here(name, t):
             out[name] = t.contiguous()
             continue
@@ -168,7 +170,7 @@ def write_scaled_fp8(state_dict: dict, path, *, config_json=None) -> None:
     save_file(out, str(path), metadata=_metadata("fp8_e4m3fn", config_json))
 
 
-def write_gguf(state_dict: dict, path, fmt: str, *, config_json=None, name=None) -> None:
+def write_gguf(state_dict: dict, path, fmt: str, *, config_json=None, name=None, progress=None) -> None:
     """GGUF with the blocks' matrices in `fmt` (Q8_0, Q5_0 or Q4_0; rows not a whole number of blocks stay
     float), 1x1 conv weights stored as (out, in) matrices with their shape in `comfy.gguf.orig_shape.<name>`,
     everything else in its own float type."""
@@ -184,7 +186,9 @@ def write_gguf(state_dict: dict, path, fmt: str, *, config_json=None, name=None)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if config_json:
         writer.add_string(CONFIG_FIELD, config_json)
-    for key, t in state_dict.items():
+    for i, (key, t) in enumerate(state_dict.items()):
+        if progress is not None:
+            progress(i, len(state_dict))
         if _quantized_here(key, t) and t.shape[1] % block == 0:
             if t.ndim == 4:
                 writer.add_array(ORIG_SHAPE + key, list(t.shape))
@@ -201,10 +205,11 @@ def write_gguf(state_dict: dict, path, fmt: str, *, config_json=None, name=None)
     writer.close()
 
 
-def quantize_checkpoint(source, out, fmt: str, **hints) -> dict:
+def quantize_checkpoint(source, out, fmt: str, *, progress=None, **hints) -> dict:
     """Read a SANA DiT checkpoint (any layout load_transformer reads: original, ComfyUI-prefixed, diffusers)
     and write it quantized: `fmt` one of WRITE_FORMATS. The output has original key names and the model's
-    config in its metadata. Returns a summary (formats, sizes) for the command line."""
+    config in its metadata. progress(done, total): called per tensor while quantizing. Returns a summary
+    (formats, sizes) for the command line."""
     from .transformer import config_metadata, load_transformer
 
     source, out = Path(source), Path(out)
@@ -224,9 +229,9 @@ def quantize_checkpoint(source, out, fmt: str, **hints) -> dict:
     config_json = config_metadata(model.config)["config"]
     state_dict = model.state_dict()
     if fmt == "fp8":
-        write_scaled_fp8(state_dict, out, config_json=config_json)
+        write_scaled_fp8(state_dict, out, config_json=config_json, progress=progress)
     else:
-        write_gguf(state_dict, out, fmt.upper(), config_json=config_json, name=source.stem)
+        write_gguf(state_dict, out, fmt.upper(), config_json=config_json, name=source.stem, progress=progress)
     return dict(source=str(source), out=str(out), format=fmt, variant=model.config.variant,
                 source_mib=round(sum(t.numel() * t.element_size() for t in state_dict.values()) / 2**20),
                 out_mib=round(out.stat().st_size / 2**20))

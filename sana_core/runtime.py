@@ -14,6 +14,14 @@ SanaPipeline and the nodes' hosts each hold a Runtime and pass it where it acts:
     step = runtime.graphed(fn, constants, module=m, key=..., tokens=n)  # any other pure call
     runtime.release()                                      # drop every graph and give its memory back
 
+Low VRAM (Runtime(max_vram=...), SanaPipeline(max_vram=...), sana-run --max-vram): the models' weights live
+in pinned CPU memory and `place(model, device, reserve=...)` puts them on the GPU for their next use, within
+max_vram beside the models placed before (those least recently placed are offloaded only when not even
+streaming fits): whole when they fit, else block by block: the DiT's blocks (Gemma's layers) that fit stay on
+the GPU, the others are copied in while the model runs, the next one prefetched on a side stream while the
+current one computes (quantized weights travel quantized), and dropped after use (Placement). `offload(model)`
+returns a model to its CPU copies (Gemma after encoding). Decodes tile to fit what is left.
+
 When a call is captured: the first call of a key (module, caller's key, shapes) with given weights runs
 eagerly, as the warm-up (lazy initialisation, cuDNN plans, Triton compiles; host syncs detected); the next
 one, in this or a later GraphedStep, is captured and replayed. A sampling step is captured at its second
@@ -312,12 +320,13 @@ class TextCache:
     """What text encoding computes once per text encoder and reuses: values keyed by (the model, its
     fingerprint: weights, dtype and device, the caller's key), at most MAX_TEXT_ENTRIES (LRU dropped first)."""
 
-    def __init__(self):
+    def __init__(self, fingerprint_of=fingerprint):
         self.entries = OrderedDict()  # (id(model), key) -> (weakref to model, fingerprint, value)
+        self.fingerprint_of = fingerprint_of
 
     def get(self, model, key, make):
         """The value kept for `key` with `model`'s current weights, else make() (kept)."""
-        fp, key = fingerprint(model), (id(model), key)
+        fp, key = self.fingerprint_of(model), (id(model), key)
         ref, kept_fp, value = self.entries.get(key, (None, None, None))
         if ref is not None and ref() is model and kept_fp == fp:
             self.entries.move_to_end(key)
@@ -332,6 +341,166 @@ class TextCache:
         self.entries.clear()
 
 
+# ----------------------------------------------------------------------------- low VRAM
+
+GiB = 2**30
+PLACE_SLACK = GiB // 2  # kept free beyond the estimates: cuBLAS / cuDNN workspaces, allocator fragmentation
+TEXT_RESERVE = GiB // 4  # Gemma's activations for a few 300-token prompts
+
+
+def vram_bytes(value) -> int | None:
+    """A max_vram setting in bytes: None (no cap), a number of GiB (up to 1024, e.g. 7 or 7.5) or of bytes
+    (above), or a string such as "7", "7GiB", "7.5G", "6000MiB"."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        number = value.strip().lower().removesuffix("b").removesuffix("i")
+        unit = {"g": 2**30, "m": 2**20}.get(number[-1:], None)
+        try:
+            amount = float(number[:-1] if unit else number)
+        except ValueError:
+            raise ValueError(f"max_vram {value!r}: give a number of GiB (e.g. 7 or '7GiB') or '6000MiB'") from None
+        value = amount * unit if unit else amount
+    if value <= 0:
+        raise ValueError(f"max_vram must be positive, got {value!r}")
+    return int(value * GiB) if value <= 1024 else int(value)
+
+
+def parts(model) -> tuple[torch.nn.Module, torch.nn.ModuleList | None]:
+    """(the module holding `model`'s device weights, its blocks that can stream one by one or None): the DiT's
+    `blocks`; a TextEncoder's `on_device` and Gemma's decoder layers; anything else (the DC-AE) whole."""
+    if isinstance(getattr(model, "on_device", None), torch.nn.Module):  # TextEncoder
+        return model.on_device, getattr(model.model, "layers", None)
+    return model, getattr(model, "blocks", None)
+
+
+def _tensors_of(module) -> list:
+    return list(itertools.chain(module.parameters(), module.buffers()))
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def resident_blocks(fixed: int, block_bytes: list, budget: int) -> int | None:
+    """How many leading blocks stay on the device when `budget` bytes hold the model's `fixed` part, those
+    blocks and two streamed ones (the running block and the prefetched next); None when not even the fixed part
+    and two blocks fit. All of them when everything fits."""
+    if fixed + sum(block_bytes) <= budget:
+        return len(block_bytes)
+    room = budget - fixed - 2 * max(block_bytes, default=0)
+    if room < 0:
+        return None
+    used, count = 0, 0
+    for size in block_bytes:
+        if used + size > room:
+            break
+        used, count = used + size, count + 1
+    return count
+
+
+class Placement:
+    """One model's weights placed for computing on `device`: every tensor outside `blocks` and the first
+    `resident` blocks on the device; the other blocks' tensors at home (CPU copies, pinned when CUDA is there),
+    each copied to the device by a forward pre-hook (on a side stream, started while the block before it
+    computes) and dropped by a forward hook. At most two streamed blocks are on the device at a time.
+    rest() puts every tensor back at home (the device copies are dropped: the weights must not change while
+    placed; offload before merging a LoRA)."""
+
+    def __init__(self, module, blocks):
+        self.module, self.blocks = module, blocks if blocks is not None else torch.nn.ModuleList()
+        self.tensors = _tensors_of(module)
+        pin = torch.cuda.is_available()
+        for t in self.tensors:  # the home copies: made once, reused by every placement
+            home = t.data.cpu()
+            t.data = home.pin_memory() if pin and not home.is_pinned() else home
+        self.home = {id(t): t.data for t in self.tensors}  # id(tensor) -> its CPU copy
+        self.device, self.resident, self.hooks, self.side = None, len(self.blocks), [], None
+        self.loaded = {}  # streamed block index -> (device tensors, copy-done event or None)
+        self.inside = set()  # streamed blocks whose own call is running
+        self.block_tensors = [_tensors_of(b) for b in self.blocks]
+        self.bytes = _nbytes(self.home.values())
+        self.block_bytes = [_nbytes(ts) for ts in self.block_tensors]
+
+    def apply(self, device, resident: int) -> None:
+        self.rest()
+        self.device, self.resident = torch.device(device), resident
+        streamed = {id(t) for ts in self.block_tensors[resident:] for t in ts}
+        for t in self.tensors:
+            if id(t) not in streamed:
+                t.data = self.home[id(t)].to(self.device, non_blocking=True)
+        self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        for i in range(resident, len(self.blocks)):
+            self.hooks += [self.blocks[i].register_forward_pre_hook(lambda m, a, i=i: self._enter(i)),
+                           self.blocks[i].register_forward_hook(lambda m, a, o, i=i: self._leave(i))]
+            for part in self.blocks[i].modules():  # a layer called on its own (the caption's k/v once per sample)
+                own = [t for t in itertools.chain(part._parameters.values(), part._buffers.values()) if t is not None]
+                if part is not self.blocks[i] and own:
+                    self.hooks += [part.register_forward_pre_hook(lambda m, a, i=i, own=own: self._lend(i, own)),
+                                   part.register_forward_hook(lambda m, a, o, i=i, own=own: self._take_back(i, own))]
+
+    def device_bytes(self) -> int:
+        """Bytes this placement keeps on the device between calls."""
+        if self.device is None:
+            return 0
+        return self.bytes - sum(self.block_bytes[self.resident:])
+
+    def _fetch(self, i) -> None:
+        homes = [self.home[id(t)] for t in self.block_tensors[i]]
+        copies = [torch.empty_like(h, device=self.device) for h in homes]  # the compute stream's memory
+        if self.side is None:
+            for c, h in zip(copies, homes):
+                c.copy_(h)
+            self.loaded[i] = (copies, None)
+            return
+        self.side.wait_stream(torch.cuda.current_stream(self.device))  # the memory's last reader is done first
+        with torch.cuda.stream(self.side):
+            for c, h in zip(copies, homes):
+                c.copy_(h, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.side)
+        self.loaded[i] = (copies, done)
+
+    def _enter(self, i) -> None:
+        if i not in self.loaded:
+            self._fetch(i)
+        copies, done = self.loaded[i]
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+        for t, c in zip(self.block_tensors[i], copies):
+            t.data = c
+        self.inside.add(i)
+        following = i + 1 if i + 1 < len(self.blocks) else self.resident  # the next call starts over
+        if following != i and following not in self.loaded:
+            self._fetch(following)
+
+    def _lend(self, i, own) -> None:
+        """A layer of streamed block i called outside the block's call: its own tensors, for this call only."""
+        if i not in self.inside:
+            for t in own:
+                t.data = self.home[id(t)].to(self.device, non_blocking=True)
+
+    def _take_back(self, i, own) -> None:
+        if i not in self.inside:
+            for t in own:
+                t.data = self.home[id(t)]
+
+    def _leave(self, i) -> None:
+        self.inside.discard(i)
+        if self.loaded.pop(i, None) is not None:
+            for t in self.block_tensors[i]:
+                t.data = self.home[id(t)]
+
+    def rest(self) -> None:
+        if self.loaded and self.side is not None:
+            self.side.synchronize()  # a prefetch still copying into memory that is about to be freed
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks, self.loaded, self.device, self.inside = [], {}, None, set()
+        for t in self.tensors:
+            t.data = self.home[id(t)]
+
+
 class Runtime:
     """CUDA graphs and memory decisions for SANA's models (see the module docstring). One per pipeline
     or host; it holds no model, only graphs keyed by the modules they were captured from.
@@ -339,11 +508,13 @@ class Runtime:
     cuda_graphs: True / False, or None for the environment (SANA_CUDA_GRAPHS, read at each call)."""
     capture = CapturedCall  # what records a graph (tests replace it with a CPU stand-in)
 
-    def __init__(self, *, cuda_graphs: bool | None = None, max_graphs: int = MAX_GRAPHS):
+    def __init__(self, *, cuda_graphs: bool | None = None, max_graphs: int = MAX_GRAPHS, max_vram=None):
         self.cuda_graphs = cuda_graphs
         self.cache = GraphCache(max_graphs)
         self.broken = ""  # why capturing stopped (a capture that raised half way), or ""
-        self.text_cache = TextCache()
+        self.text_cache = TextCache(self.weights_fingerprint)
+        self.max_vram = vram_bytes(max_vram)  # bytes the placed models and their work may use; None: no cap
+        self.placements = OrderedDict()  # id(module) -> Placement, least recently placed first
 
     def graphs_enabled(self) -> bool:
         return enabled_by_env() if self.cuda_graphs is None else self.cuda_graphs
@@ -368,6 +539,83 @@ class Runtime:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         return self.cache.pool_bytes.get(device, 0) if len(self.cache) else 0
+
+    # -- low VRAM: where the weights are --------------------------------------------------------------
+
+    def available(self, device) -> int:
+        """Bytes a new allocation on `device` can take: free_bytes (the cached graphs' pool counted as free, as
+        there), within max_vram (on the CPU: max_vram less what is placed there; no cap: unbounded)."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            if self.max_vram is None:
+                return 1 << 62
+            return self.max_vram - sum(p.device_bytes() for p in self.placements.values() if p.device == device)
+        free = free_bytes(device)
+        if self.max_vram is not None:
+            free = min(free, self.max_vram - torch.cuda.memory_allocated(device))
+        return free
+
+    def place(self, model, device, *, reserve: int = 0) -> Placement:
+        """Put `model`'s weights (a SanaTransformer, TextEncoder or DCAE) on `device` for its next use, leaving
+        `reserve` bytes for its activations, within max_vram, beside the models placed before: whole when it
+        fits, else with its blocks streamed (the leading ones that fit stay); the others are offloaded (least
+        recently placed first) only when not even that fits. Raises MemoryError when it does not fit alone."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        module, blocks = parts(model)
+        p = self.placements.pop(id(module), None) or Placement(module, blocks)
+        self.placements[id(module)] = p
+        fixed = p.bytes - sum(p.block_bytes)
+        slack = PLACE_SLACK if self.max_vram and device.type == "cuda" else 0
+
+        def plan():
+            mine = p.device_bytes() if p.device == device else 0
+            budget = self.available(device) - self.held_bytes(device) + mine - reserve - slack
+            return resident_blocks(fixed, p.block_bytes, budget), budget
+        resident, budget = plan()
+        while resident is None and self._offload_oldest(device, keep=p):
+            resident, budget = plan()
+        if resident is None:
+            streamed = fixed + 2 * max(p.block_bytes, default=0)
+            raise MemoryError(
+                f"max_vram {self.max_vram / GiB:.2f} GiB is too small for the {type(model).__name__}: it needs "
+                f"{streamed / GiB:.2f} GiB of weights on the GPU even with its blocks streamed one by one, plus "
+                f"{(reserve + slack) / GiB:.2f} GiB for its activations and workspace; "
+                f"{(budget + reserve + slack) / GiB:.2f} GiB are available. Raise max_vram, lower the "
+                f"image size or batch size, or use a quantized (fp8, GGUF Q8_0/Q4_0) model file")
+        if p.device != device or p.resident != resident:
+            p.apply(device, resident)
+            if resident < len(p.blocks):
+                log.info("low VRAM: %s keeps %d of %d blocks on %s, streams %d (%.2f GiB) at every call",
+                         type(model).__name__, resident, len(p.blocks), device, len(p.blocks) - resident,
+                         sum(p.block_bytes[resident:]) / GiB)
+        return p
+
+    def offload(self, model) -> None:
+        """Return a placed model's weights to their CPU copies (nothing to do for a model never placed)."""
+        p = self._placement(model)
+        if p is not None:
+            p.rest()
+
+    def _placement(self, model) -> Placement | None:
+        return self.placements.get(id(parts(model)[0]))
+
+    def _offload_oldest(self, device, keep) -> bool:
+        """Offload the least recently placed model on `device` other than `keep`; False when there is none."""
+        for p in self.placements.values():
+            if p is not keep and p.device == device:
+                p.rest()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                return True
+        return False
+
+    def weights_fingerprint(self, module) -> tuple:
+        """fingerprint(module), with placed tensors named by their CPU copies: the same while they are placed."""
+        homes = {k: h for p in self.placements.values() for k, h in p.home.items()}
+        return tuple((t.device, t.dtype, tuple(t.shape), t.data_ptr()) for t in
+                     (homes.get(id(x), x) for x in itertools.chain(module.parameters(), module.buffers())))
 
     # -- the models' calls ----------------------------------------------------------------------------
 
@@ -405,7 +653,11 @@ class Runtime:
         B, _, h, w = latent.shape
         if device.type == "cuda":
             self._release_if_short(device, DECODE_BYTES_PER_PIXEL * B * h * w * ae.spatial_compression ** 2)
-            free = free_bytes(device)
+            smallest = ae.activation_bytes(1, h, w, tile=DECODE_TILES[-1])
+            while self.placements and smallest > self.available(device) and \
+                    self._offload_oldest(device, self._placement(ae)):
+                pass  # low VRAM: models placed before (the DiT) make room when not even the smallest tile fits
+            free = self.available(device)
             if B > 1 and ae.activation_bytes(B, h, w) > free:
                 return torch.cat([self.decode(ae, latent[i:i + 1], between=between) for i in range(B)])
             tile = decode_tile(ae, B, h, w, free)
@@ -441,7 +693,7 @@ class Runtime:
     def _release_if_short(self, device, need: float) -> None:
         """Give the graphs' pool back when free memory without it is short of `need` bytes."""
         held = self.held_bytes(device)
-        if held and free_bytes(device) - held < need:
+        if held and self.available(device) - held < need:
             self.release()
 
 
@@ -464,3 +716,12 @@ def text_encoder_should_offload(free, config, element_size, forwards, width, hei
     dit = forwards * tokens * config.width * element_size * 24  # residual stream + 5x-wide Mix-FFN, with slack
     decode = DECODE_BYTES_PER_PIXEL * width * height * (2 if element_size >= 4 else 1)
     return free < dit + decode + 2**30
+
+
+def sampling_bytes(config, forwards: int, tokens: int, element_size: int) -> int:
+    """Estimated peak device memory of one DiT call beyond its weights (bytes), what low VRAM reserves: the
+    residual stream, the normed input, the Mix-FFN's 2H- and H-wide activations and its output for `forwards`
+    latents of `tokens` tokens (x 1.5), the caption's keys/values, and two dequantized Mix-FFN weights."""
+    acts = forwards * tokens * (3 * config.width + 3 * config.mlp_hidden) * element_size
+    caption = 2 * config.depth * forwards * 300 * config.width * element_size
+    return int(1.5 * acts) + caption + 2 * 2 * config.width * config.mlp_hidden * element_size

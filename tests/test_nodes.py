@@ -40,6 +40,7 @@ EXPECTED_INPUTS = {
     "SanaPAG": ["model", "scale", "layers"],
     "SanaControlNetLoader": ["control_net_name", "graph"],
     "SanaLoraLoader": ["model", "lora_name", "strength_model"],
+    "SanaQuantizeModel": ["model_name", "format", "output_name"],
 }
 # Round 1's SANA_* socket types are retired: the loaders give ComfyUI's own.
 CORE_TYPES = {"SanaModelLoader": ("MODEL",), "SanaTextEncoderLoader": ("CLIP",), "SanaVAELoader": ("VAE",)}

@@ -432,14 +432,15 @@ def test_plain_fp8_stays_fp8(tmp_path, fp8):
 # ----------------------------------------------------------------------------- the layers
 
 def test_quantized_layer_applies_comfyui_weight_functions_after_dequantizing():
-    """ComfyUI's low-VRAM path patches weights (LoRA) through weight_function: on the dequantized weight."""
+    """ComfyUI's low-VRAM path patches weights (LoRA) through weight_function, as its LowVramPatch does for its own
+    fp8 layers: the stored form (as float32) converted by the layer, patched, handed back through set_weight."""
     w = torch.randn(48, 64)
     q = QuantizedTensor(torch.from_numpy(gguf.quants.quantize(w.numpy(), Q.Q8_0)), "Q8_0", w.shape)
     lin = quantized_ops.Linear(64, 48, device="meta")
     lin.hold(q, "cpu")
     lin.bias = torch.nn.Parameter(torch.randn(48), requires_grad=False)
     x, delta = torch.randn(3, 64), torch.randn(48, 64)
-    lin.weight_function = [lambda weight: weight + delta]
+    lin.weight_function = [lambda stored: lin.set_weight(lin.convert_weight(stored) + delta, return_weight=True)]
     expected = x @ (q.dequantize() + delta).T + lin.bias
     assert torch.allclose(lin(x), expected, atol=1e-5)
     conv = quantized_ops.Conv2d(64, 48, 1, bias=False, device="meta")
