@@ -2,6 +2,7 @@
 level: the same classes run inside ComfyUI and in sana-run (see host.py)."""
 from .conditioning import SanaTextEncode
 from .custom_sampling import SanaPAG, SanaSamplerSelect, SanaScheduler
+from .inpaint import SanaInpaintComposite
 from .latent import SanaEmptyLatent
 from .loaders import SanaModelLoader, SanaTextEncoderLoader, SanaVAELoader
 from .sampling import SanaSampler
@@ -20,6 +21,7 @@ NODE_CLASS_MAPPINGS = {
     "SanaSamplerSelect": SanaSamplerSelect,
     "SanaScheduler": SanaScheduler,
     "SanaPAG": SanaPAG,
+    "SanaInpaintComposite": SanaInpaintComposite,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "SanaModelLoader": "SANA Model Loader",
@@ -34,4 +36,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SanaSamplerSelect": "SANA Sampler Select (SAMPLER)",
     "SanaScheduler": "SANA Scheduler (SIGMAS)",
     "SanaPAG": "SANA Perturbed-Attention Guidance",
+    "SanaInpaintComposite": "SANA Inpaint Composite",
 }
