@@ -27,7 +27,6 @@ from sana_core import samplers
 from sana_core.autoencoder import SCALING_FACTOR
 from sana_core.inpaint import LatentInpaint, latent_mask
 from sana_core.presets import defaults_for
-from sana_core.resolution import LATENT_FACTOR
 
 from . import conditioning, vae
 from .sampling import PAG_OPTION
@@ -206,9 +205,9 @@ def clip(managed):
 # ----------------------------------------------------------------------------------------------- VAE
 
 class SanaVAE(comfy.sd.VAE):
-    """comfy.sd.VAE around our DC-AE: raw latents in and out; decode tiles when the image would not fit
-    (decided before decoding), decode_tiled is our exact tiling, encode pads the image to multiples
-    of 32 (replicating its edges) instead of cropping it."""
+    """comfy.sd.VAE around our DC-AE: raw latents in and out; decode and encode tile when the image would not
+    fit (decided before), decode_tiled and encode_tiled are our exact tilings, encode pads the image to
+    multiples of 32 (replicating its edges) instead of cropping it."""
 
     def __init__(self, managed):
         dcae = managed.model
@@ -220,8 +219,7 @@ class SanaVAE(comfy.sd.VAE):
         self.latent_channels, self.latent_dim, self.output_channels = dcae.latent_channels, 2, 3
         self.downscale_ratio = self.upscale_ratio = dcae.spatial_compression
         self.memory_used_decode = lambda shape, dtype: dcae.activation_bytes(shape[0], *shape[2:])
-        self.memory_used_encode = lambda shape, dtype: dcae.activation_bytes(shape[0], *(s // LATENT_FACTOR
-                                                                                      for s in shape[2:]))
+        self.memory_used_encode = lambda shape, dtype: dcae.encode_activation_bytes(shape[0], *shape[2:])
         self.working_dtypes = [torch.bfloat16, torch.float32]
         self.disable_offload, self.not_video, self.crop_input = False, True, False
         self.downscale_index_formula = self.upscale_index_formula = self.extra_1d_channel = None
@@ -242,7 +240,10 @@ class SanaVAE(comfy.sd.VAE):
         return vae.encode(self.sana, pixel_samples, "VAE Encode")
 
     def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
-        return self.encode(pixel_samples)  # the DC-AE encoder has global attention stages: no exact tiles
+        encoder = self.first_stage_model.encoder
+        tile = min(t for t in (tile_x, tile_y, 1024) if t is not None)  # pixels
+        overlap = max(overlap or 0, encoder.local_halo * encoder.local_scale)  # exact tiles
+        return vae.encode(self.sana, pixel_samples, "VAE Encode (Tiled)", tile=tile, overlap=overlap)
 
     def get_sd(self):
         return self.first_stage_model.state_dict()

@@ -38,6 +38,7 @@ EXPECTED_INPUTS = {
     "SanaSamplerSelect": ["sampler", "guidance"],
     "SanaScheduler": ["model", "sampler", "steps", "flow_shift", "denoise"],
     "SanaPAG": ["model", "scale", "layers"],
+    "SanaInpaintComposite": ["original", "decoded", "mask", "feather"],
 }
 # Round 1's SANA_* socket types are retired: the loaders give ComfyUI's own.
 CORE_TYPES = {"SanaModelLoader": ("MODEL",), "SanaTextEncoderLoader": ("CLIP",), "SanaVAELoader": ("VAE",)}
