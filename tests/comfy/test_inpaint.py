@@ -139,3 +139,15 @@ def test_outpainting_with_core_nodes(nodes, loaded):
     assert crop["samples"].shape == (1, 32, 3, 2) and crop["noise_mask"].shape[-2:] == (96, 64)
     out = ksampler(loaded, crop)
     assert torch.isfinite(out).all() and out.shape == (1, 32, 3, 2)
+
+
+def test_sana_runs_stand_ins_for_the_mask_nodes_equal_comfyuis():
+    from sana_nodes import runner
+    photo = torch.rand(2, 50, 70, 3, generator=torch.manual_seed(3))
+    for sides in ((0, 0, 32, 0, 40), (16, 8, 0, 24, 10), (8, 8, 8, 8, 30), (0, 32, 0, 0, 0)):
+        ours = runner.ImagePadForOutpaint().expand_image(photo, *sides)
+        theirs = core.ImagePadForOutpaint().expand_image(photo, *sides)
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), sides
+    mask = torch.rand(1, 50, 70)
+    assert torch.equal(runner.SetLatentNoiseMask().set_mask(image_latent(), mask)[0]["noise_mask"],
+                       core.SetLatentNoiseMask().set_mask(image_latent(), mask)[0]["noise_mask"])
