@@ -500,6 +500,8 @@ class DCAE(nn.Module):
         """Estimated peak device memory (bytes, beyond the weights) of encode (tile None) or encode_tiled(tile=tile)
         of (batch, 3, height, width) images: the largest stage's input and output (and attention buffers), the
         per-block WORK_BYTES, the kept 1/8-size features when tiled, times MEMORY_MARGIN."""
+        if self.encoder is None:
+            return 0  # nothing to encode with: encode says so
         enc, cfg, e = self.encoder, self.config, torch.empty((), dtype=self.dtype).element_size()
         widths, n, k = cfg.encoder_widths, len(cfg.encoder_widths), enc.first_global
         pixels = lambda i: height * width // 4 ** i  # pixels of stage i's input, whole image
