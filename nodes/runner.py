@@ -7,9 +7,8 @@
 
 Besides the SANA nodes it stands in for ComfyUI's core CLIPTextEncode, VAEDecode, VAEDecodeTiled,
 VAEEncode, SetLatentNoiseMask, ImagePadForOutpaint, SaveImage, PreviewImage and LoadImage (same inputs; they
-take the SANA models): PNGs carry the
-workflow in their "prompt" (API form) and "workflow" (UI form, when given) text chunks, so they open in
-ComfyUI. Other core nodes (KSampler, SamplerCustomAdvanced, ModelSamplingSD3 ...) run in ComfyUI only.
+take the SANA models): PNGs carry the workflow in their "prompt" (API form) and "workflow" (UI form, when
+given) text chunks, so they open in ComfyUI. Other core nodes (KSampler, SamplerCustomAdvanced, ModelSamplingSD3 ...) run in ComfyUI only.
 NODE in --set is a node id, a node title or a node type that occurs once.
 """
 import argparse

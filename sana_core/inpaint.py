@@ -40,15 +40,14 @@ def latent_mask(mask: torch.Tensor, batch: int, height: int, width: int) -> torc
                          f"{list(mask.shape)}")
     mask = mask.reshape(-1, 1, *mask.shape[-2:]).float()
     H, W = mask.shape[-2:]
-    if (H, W) == (height, width):
-        pass
-    elif -(-H // LATENT_FACTOR) == height and -(-W // LATENT_FACTOR) == width:  # the image's size
-        mask = F.pad(mask, (0, width * LATENT_FACTOR - W, 0, height * LATENT_FACTOR - H), mode="replicate")
-        mask = F.max_pool2d(mask, LATENT_FACTOR)
-    elif H >= height and W >= width:
-        mask = F.adaptive_max_pool2d(mask, (height, width))
-    else:
-        mask = F.interpolate(mask, size=(height, width), mode="bilinear")
+    if (H, W) != (height, width):
+        if -(-H // LATENT_FACTOR) == height and -(-W // LATENT_FACTOR) == width:  # the image's size
+            mask = F.pad(mask, (0, width * LATENT_FACTOR - W, 0, height * LATENT_FACTOR - H), mode="replicate")
+            mask = F.max_pool2d(mask, LATENT_FACTOR)
+        elif H >= height and W >= width:
+            mask = F.adaptive_max_pool2d(mask, (height, width))
+        else:
+            mask = F.interpolate(mask, size=(height, width), mode="bilinear")
     if mask.shape[0] != batch:
         mask = mask.repeat(math.ceil(batch / mask.shape[0]), 1, 1, 1)[:batch]
     return mask.clamp(0, 1)

@@ -113,11 +113,11 @@ class SanaPipeline:
             noise = latents.float()
         clean = pixels = None
         if image is not None:
-            pixels = image_at(image, width, height, batch)  # (1 or B, 3, H, W) in [0, 1]
+            pixels = resized_image(image, width, height, batch)  # (1 or B, 3, H, W) in [0, 1]
             with torch.no_grad():
                 clean = self.runtime.encode(self.autoencoder, pixels * 2 - 1).expand(batch, -1, -1, -1).to(device)
         if mask is not None:
-            mask = mask_at(mask, width, height)  # (1 or B, 1, H, W) in [0, 1]
+            mask = resized_mask(mask, width, height)  # (1 or B, 1, H, W) in [0, 1]
 
         cond, cond_mask, uncond, uncond_mask = self._encode_prompts(prompts, negative_prompt, batch_size,
                                                                     need_uncond=not config.sprint and cfg != 1.0)
@@ -209,8 +209,7 @@ class SanaPipeline:
         return cond, cond_mask, uncond, uncond_mask
 
 
-
-def image_at(image, width: int, height: int, batch: int) -> torch.Tensor:
+def resized_image(image, width: int, height: int, batch: int) -> torch.Tensor:
     """PIL image or tensor in [0, 1] -> float32 (1 or batch, 3, height, width) on the CPU (resized if need be)."""
     pixels = image_to_tensor(image)  # (b, 3, H, W) in [0, 1]
     if pixels.shape[-2:] != (height, width):
@@ -220,7 +219,7 @@ def image_at(image, width: int, height: int, batch: int) -> torch.Tensor:
     return pixels
 
 
-def mask_at(mask, width: int, height: int) -> torch.Tensor:
+def resized_mask(mask, width: int, height: int) -> torch.Tensor:
     """PIL image (white = 1) or tensor (H, W) / (B, H, W) / (B, 1, H, W) in [0, 1] -> float32 (B, 1, height, width)
     on the CPU (resized bilinearly if need be)."""
     if isinstance(mask, torch.Tensor):
@@ -233,6 +232,8 @@ def mask_at(mask, width: int, height: int) -> torch.Tensor:
     if mask.shape[-2:] != (height, width):
         mask = F.interpolate(mask, size=(height, width), mode="bilinear", align_corners=False)
     return mask.clamp(0, 1)
+
+
 def image_size(image) -> tuple[int, int]:
     if isinstance(image, torch.Tensor):
         return image.shape[-1], image.shape[-2]
