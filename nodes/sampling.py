@@ -186,7 +186,11 @@ class SanaSampler:
                              f"perturbed-attention guidance does not apply. Set pag_scale to 0 (and take out any "
                              f"SANA Perturbed-Attention Guidance node before this sampler)")
         mask = latent_image.get("noise_mask")
-        if denoise <= 0.0 or (mask is not None and not mask.any()):  # nothing to generate: the latent as it came
+        empty_mask = mask is not None and not mask.any()
+        if empty_mask:
+            host.log.warning("SanaSampler: the latent's noise mask is empty (all zeros), so there is nothing to "
+                             "repaint and the latent comes back as it was; paint the mask (Load Image's mask editor)")
+        if denoise <= 0.0 or empty_mask:  # nothing to generate: the latent as it came
             return {"ui": {"sana_stats": []}, "result": (dict(latent_image),)}
         preview = None
         if vae is not None and h.previews:  # the projection comes from one small decode (then cached)
