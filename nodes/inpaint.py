@@ -41,4 +41,4 @@ class SanaInpaintComposite:
         channels = min(original.shape[-1], decoded.shape[-1], 3)
         out = composite(original[..., :channels].movedim(-1, 1), decoded[..., :channels].movedim(-1, 1), mask,
                         feather)
-        return (out.movedim(1, -1).to(decoded.device),)
+        return (out.movedim(1, -1),)

@@ -99,7 +99,7 @@ def _box(x, radius, pool):
 def composite(original: torch.Tensor, decoded: torch.Tensor, mask: torch.Tensor,
               feather: int = DEFAULT_FEATHER) -> torch.Tensor:
     """The decoded image inside the (feathered) mask, the original outside, exactly: float32 (B, 3, H, W) at the
-    original's size. original (1 or B, 3, H, W), decoded (B, 3, H', W') in the same range; mask (H, W), (B, H, W)
+    original's size, on its device. original (1 or B, 3, H, W), decoded (B, 3, H', W') in the same range; mask (H, W), (B, H, W)
     or (B, 1, H, W) in [0, 1] at any size (resized bilinearly to H x W). A decoded image larger than the original
     (the VAE padded its sides up to multiples of 32) is cut at the top-left; a smaller one (ComfyUI's VAE Encode
     (for Inpainting) crops to multiples of 32 around the centre) goes back where that crop was taken, the
@@ -109,8 +109,9 @@ def composite(original: torch.Tensor, decoded: torch.Tensor, mask: torch.Tensor,
                          f"{list(original.shape)} and {list(decoded.shape)}")
     B = max(original.shape[0], decoded.shape[0])
     H, W = original.shape[-2:]
-    original, decoded = original.float().expand(B, -1, -1, -1), decoded.float().expand(B, -1, -1, -1)
-    weight = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    device = original.device
+    original, decoded = original.float().expand(B, -1, -1, -1), decoded.to(device).float().expand(B, -1, -1, -1)
+    weight = mask.reshape(-1, 1, *mask.shape[-2:]).to(device).float()
     if weight.shape[-2:] != (H, W):
         weight = F.interpolate(weight, size=(H, W), mode="bilinear")
     weight = feathered(weight.clamp(0, 1), feather)
@@ -124,4 +125,4 @@ def composite(original: torch.Tensor, decoded: torch.Tensor, mask: torch.Tensor,
         inside = torch.zeros_like(weight)
         inside[..., top:top + min(h, H), left:left + min(w, W)] = 1
         weight = weight * inside
-    return torch.lerp(original, placed, weight.to(original.device))
+    return torch.lerp(original, placed, weight)
