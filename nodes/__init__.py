@@ -3,6 +3,7 @@ level: the same classes run inside ComfyUI and in sana-run (see host.py)."""
 from .conditioning import SanaTextEncode
 from .controlnet import SanaControlNetLoader
 from .custom_sampling import SanaPAG, SanaSamplerSelect, SanaScheduler
+from .inpaint import SanaInpaintComposite
 from .latent import SanaEmptyLatent
 from .loaders import SanaModelLoader, SanaTextEncoderLoader, SanaVAELoader
 from .lora import SanaLoraLoader
@@ -26,6 +27,7 @@ NODE_CLASS_MAPPINGS = {
     "SanaControlNetLoader": SanaControlNetLoader,
     "SanaLoraLoader": SanaLoraLoader,
     "SanaQuantizeModel": SanaQuantizeModel,
+    "SanaInpaintComposite": SanaInpaintComposite,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "SanaModelLoader": "SANA Model Loader",
@@ -43,4 +45,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SanaControlNetLoader": "SANA ControlNet Loader",
     "SanaLoraLoader": "SANA LoRA Loader",
     "SanaQuantizeModel": "SANA Quantize Model (save)",
+    "SanaInpaintComposite": "SANA Inpaint Composite",
 }

@@ -26,6 +26,7 @@ import comfy.supported_models_base
 from sana_core import samplers
 from sana_core.autoencoder import SCALING_FACTOR
 from sana_core.controlnet import prepare_controls
+from sana_core.inpaint import LatentInpaint, latent_mask
 from sana_core.presets import defaults_for
 from sana_core.resolution import LATENT_FACTOR
 from sana_core.runtime import fingerprint
@@ -36,6 +37,7 @@ from .sampling import PAG_OPTION
 SPRINT_GUIDANCE = 4.5  # Sana-Sprint's embedded guidance when no SANA SAMPLER set one (KSampler)
 GUIDANCE_OPTION = "sana_guidance"  # transformer_options key: Sprint's embedded guidance scale
 PERTURB_OPTION = "sana_perturbed_layers"  # transformer_options key: blocks run with identity self-attention
+MASK_WRAPPER = "sana_latent_mask"  # key of the OUTER_SAMPLE wrapper that max-pools noise masks to the latent grid
 
 # The DC-AE whose fitted latent -> RGB projection the previews use: the most recently loaded one.
 _preview_source = None
@@ -151,10 +153,11 @@ class SanaModel(comfy.model_base.BaseModel):
 
 
 def model_patcher(managed):
-    """MODEL for a loaded SanaTransformer."""
+    """MODEL for a loaded SanaTransformer, with the wrapper that brings noise masks to the latent grid."""
     patcher = comfy.model_patcher.ModelPatcher(SanaModel(managed), load_device=managed.load_device,
                                                offload_device=managed.offload_device)
     patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, load_plain_parameters)  # clones keep it
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, MASK_WRAPPER, pool_noise_mask)
     return patcher
 
 
@@ -174,6 +177,15 @@ def load_plain_parameters(patcher, device_to, *args) -> None:
                     patcher.patch_weight_to_device(key, device_to=device_to)
             elif device_to is not None:
                 param.data = param.data.to(device_to)
+
+
+def pool_noise_mask(executor, noise, latent_image, sampler, sigmas, denoise_mask=None, *args, **kwargs):
+    """OUTER_SAMPLE wrapper (every sampler: KSampler, SamplerCustomAdvanced, SanaSampler): the LATENT's noise_mask
+    max-pooled to the latent grid (sana_core.inpaint.latent_mask) before ComfyUI resizes it bilinearly, which
+    at 32x would average a stroke thinner than 32 px away."""
+    if denoise_mask is not None:
+        denoise_mask = latent_mask(denoise_mask, noise.shape[0], *noise.shape[-2:])
+    return executor(noise, latent_image, sampler, sigmas, denoise_mask, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- CLIP
@@ -222,9 +234,9 @@ def clip(managed):
 # ----------------------------------------------------------------------------------------------- VAE
 
 class SanaVAE(comfy.sd.VAE):
-    """comfy.sd.VAE around our DC-AE: raw latents in and out; decode tiles when the image would not fit
-    (decided before decoding), decode_tiled is our exact tiling, encode pads the image to multiples
-    of 32 (replicating its edges) instead of cropping it."""
+    """comfy.sd.VAE around our DC-AE: raw latents in and out; decode and encode tile when the image would not
+    fit (decided before), decode_tiled and encode_tiled are our exact tilings, encode pads the image to
+    multiples of 32 (replicating its edges) instead of cropping it."""
 
     def __init__(self, managed):
         dcae = managed.model
@@ -236,8 +248,7 @@ class SanaVAE(comfy.sd.VAE):
         self.latent_channels, self.latent_dim, self.output_channels = dcae.latent_channels, 2, 3
         self.downscale_ratio = self.upscale_ratio = dcae.spatial_compression
         self.memory_used_decode = lambda shape, dtype: dcae.activation_bytes(shape[0], *shape[2:])
-        self.memory_used_encode = lambda shape, dtype: dcae.activation_bytes(shape[0], *(s // LATENT_FACTOR
-                                                                                      for s in shape[2:]))
+        self.memory_used_encode = lambda shape, dtype: dcae.encode_activation_bytes(shape[0], *shape[2:])
         self.working_dtypes = [torch.bfloat16, torch.float32]
         self.disable_offload, self.not_video, self.crop_input = False, True, False
         self.downscale_index_formula = self.upscale_index_formula = self.extra_1d_channel = None
@@ -258,7 +269,10 @@ class SanaVAE(comfy.sd.VAE):
         return vae.encode(self.sana, pixel_samples, "VAE Encode")
 
     def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
-        return self.encode(pixel_samples)  # the DC-AE encoder has global attention stages: no exact tiles
+        encoder = self.first_stage_model.encoder
+        tile = min(t for t in (tile_x, tile_y, 1024) if t is not None)  # pixels
+        overlap = max(overlap or 0, encoder.local_halo * encoder.local_scale)  # exact tiles
+        return vae.encode(self.sana, pixel_samples, "VAE Encode (Tiled)", tile=tile, overlap=overlap)
 
     def get_sd(self):
         return self.first_stage_model.state_dict()
@@ -272,7 +286,11 @@ def sampler(name: str, guidance: float):
 
     flow_dpm_solver's grid starts at sigma(1 - 1/1000) < 1 (0.99967 at shift 3), where both references
     start from the pure noise rather than ComfyUI's sigma0 x noise: so does this SAMPLER when the
-    sigmas start there (a whole grid at the model's shift, denoise 1)."""
+    sigmas start there (a whole grid at the model's shift, denoise 1).
+
+    A noise mask is blended by the sampler (sana_core.inpaint) at the solver's sigmas, with ComfyUI's
+    convention and its denoise_mask_function (Differential Diffusion), instead of by KSamplerX0Inpaint at the
+    sigma the DiT is called with (flow_dpm_solver calls it at the references' integer timesteps)."""
     function = samplers.K_SAMPLERS[name]
 
     def run(model, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -280,11 +298,18 @@ def sampler(name: str, guidance: float):
         options = comfy.model_patcher.create_model_options_clone(extra_args.get("model_options", {}))
         options.setdefault("transformer_options", {})[GUIDANCE_OPTION] = guidance
         extra_args["model_options"] = options
+        inpaint = None
+        if extra_args.get("denoise_mask") is not None:  # model: KSamplerX0Inpaint, which then blends nothing
+            mask_function = options.get("denoise_mask_function")
+            mask_at = None if mask_function is None else lambda sigma, mask: mask_function(
+                sigma, mask, extra_options={"model": model.inner_model, "sigmas": model.sigmas})
+            inpaint = LatentInpaint(extra_args["denoise_mask"], model.latent_image, model.noise, mask_at)
+            extra_args["denoise_mask"] = None
         if name == "flow_dpm_solver":
             top = samplers.flow_dpm_solver_sigmas(1, model.inner_model.inner_model.model_sampling.shift)[0][0].item()
             if abs(float(sigmas[0]) - top) <= 1e-6 * top:
                 x = model.noise.to(x)  # KSAMPLER's unscaled noise
-        return function(model, x, sigmas, extra_args, callback, disable)
+        return function(model, x, sigmas, extra_args, callback, disable, inpaint=inpaint)
     return comfy.samplers.KSAMPLER(run)
 
 
@@ -334,15 +359,15 @@ def core_loop_reason(model, *conditionings) -> str | None:
         return "other nodes' patches in the model options"
     if set(model.object_patches) - {"model_sampling"}:
         return f"object patches ({', '.join(sorted(model.object_patches))})"
-    if any(any(w.values()) for w in model.wrappers.values()):
+    if any(w for wrappers in model.wrappers.values() for key, w in wrappers.items() if key != MASK_WRAPPER):
         return "sampling wrappers"
     return None
 
 
 def sample(model, positive, negative, latent, noise, *, sampler_name, steps, cfg, pag_scale, pag_layers, shift,
-           denoise, seed, callback):
-    """SanaSampler's sampling through ComfyUI's own loop: raw latent in, raw latent out.
-    callback(step, total, x0) after each step."""
+           denoise, seed, callback, mask=None):
+    """SanaSampler's sampling through ComfyUI's own loop: raw latent in, raw latent out (mask: the LATENT's
+    noise_mask). callback(step, total, x0) after each step."""
     sprint = model.model.diffusion_model.transformer.config.sprint
     if pag_scale and PAG_OPTION not in model.model_options.get("transformer_options", {}):
         model = pag_patch(model, pag_scale, pag_layers)
@@ -354,6 +379,6 @@ def sample(model, positive, negative, latent, noise, *, sampler_name, steps, cfg
     else:
         sigmas = samplers.schedule(sampler_name, steps, shift, denoise)
     k_callback = lambda step, x0, x, total: callback(step + 1, total, x0)  # noqa: E731
-    out = guider.sample(noise, latent, sampler(sampler_name, cfg), sigmas, callback=k_callback, disable_pbar=True,
-                        seed=seed)
+    out = guider.sample(noise, latent, sampler(sampler_name, cfg), sigmas, denoise_mask=mask, callback=k_callback,
+                        disable_pbar=True, seed=seed)
     return out.to(comfy.model_management.intermediate_device())

@@ -6,9 +6,9 @@
     sana-run WORKFLOW.json --to-api             # print the API form of a UI workflow
 
 Besides the SANA nodes it stands in for ComfyUI's core CLIPTextEncode, VAEDecode, VAEDecodeTiled,
-VAEEncode, SaveImage, PreviewImage and LoadImage (same inputs; they take the SANA models): PNGs carry the
-workflow in their "prompt" (API form) and "workflow" (UI form, when given) text chunks, so they open in
-ComfyUI. Other core nodes (KSampler, SamplerCustomAdvanced, ModelSamplingSD3 ...) run in ComfyUI only.
+VAEEncode, SetLatentNoiseMask, ImagePadForOutpaint, SaveImage, PreviewImage and LoadImage (same inputs; they
+take the SANA models): PNGs carry the workflow in their "prompt" (API form) and "workflow" (UI form, when
+given) text chunks, so they open in ComfyUI. Other core nodes (KSampler, SamplerCustomAdvanced, ModelSamplingSD3 ...) run in ComfyUI only.
 NODE in --set is a node id, a node title or a node type that occurs once.
 """
 import argparse
@@ -194,13 +194,60 @@ class VAEEncode:
         return ({"samples": encode(host.unwrap(vae, "autoencoder", "VAEEncode"), pixels, "VAEEncode")},)
 
 
+class SetLatentNoiseMask:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "mask": ("MASK",)}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "set_mask"
+    CATEGORY = "latent/inpaint"
+
+    def set_mask(self, samples, mask):
+        return ({**samples, "noise_mask": mask.reshape(-1, 1, *mask.shape[-2:])},)
+
+
+class ImagePadForOutpaint:
+    @classmethod
+    def INPUT_TYPES(cls):
+        side = {"default": 0, "min": 0, "max": 16384, "step": 8}
+        return {"required": {"image": ("IMAGE",), "left": ("INT", side), "top": ("INT", side),
+                             "right": ("INT", side), "bottom": ("INT", side),
+                             "feathering": ("INT", {"default": 40, "min": 0, "max": 16384, "step": 1})}}
+
+    RETURN_TYPES = ("IMAGE", "MASK")
+    FUNCTION = "expand_image"
+    CATEGORY = "image"
+
+    def expand_image(self, image, left, top, right, bottom, feathering):
+        """The image on a grey canvas grown by the given sides; the mask is 1 on the new band and, inside the
+        image, ((feathering - d) / feathering)^2 within `feathering` pixels of a grown side (d: the distance
+        to it; top and left count from 0, bottom and right from 1), as ComfyUI's node makes it."""
+        B, H, W, C = image.shape
+        out = torch.full((B, H + top + bottom, W + left + right, C), 0.5)
+        out[:, top:top + H, left:left + W] = image
+        mask = torch.ones(H + top + bottom, W + left + right)
+        rows, cols = torch.arange(H, dtype=torch.float64)[:, None], torch.arange(W, dtype=torch.float64)[None]
+        d = torch.full((H, W), float("inf"), dtype=torch.float64)
+        for grown, distance in ((top, rows), (bottom, H - rows), (left, cols), (right, W - cols)):
+            if grown:
+                d = torch.minimum(d, distance.expand(H, W))
+        inside = torch.zeros(H, W, dtype=torch.float64)
+        if 0 < feathering and 2 * feathering < min(H, W):
+            inside = torch.where(d < feathering, ((feathering - d) / feathering) ** 2, inside)  # in float64
+        mask[top:top + H, left:left + W] = inside
+        return (out, mask[None])
+
+
 CORE_NODES = {"SaveImage": SaveImage, "PreviewImage": PreviewImage, "LoadImage": LoadImage,
               "CLIPTextEncode": CLIPTextEncode, "VAEDecode": VAEDecode, "VAEDecodeTiled": VAEDecodeTiled,
-              "VAEEncode": VAEEncode}
+              "VAEEncode": VAEEncode, "SetLatentNoiseMask": SetLatentNoiseMask,
+              "ImagePadForOutpaint": ImagePadForOutpaint}
 DISPLAY_NAMES = {**NODE_DISPLAY_NAME_MAPPINGS, "SaveImage": "Save Image", "PreviewImage": "Preview Image",
                  "LoadImage": "Load Image", "CLIPTextEncode": "CLIP Text Encode (Prompt)", "VAEDecode": "VAE Decode",
                  "VAEDecodeTiled": "VAE Decode (Tiled)", "VAEEncode": "VAE Encode",
-                 "ControlNetApplyAdvanced": "Apply ControlNet"}
+                 "ControlNetApplyAdvanced": "Apply ControlNet", "SetLatentNoiseMask": "Set Latent Noise Mask",
+                 "ImagePadForOutpaint": "Pad Image for Outpainting"}
 # ComfyUI core nodes of shipped workflows that sana-run does not run: their inputs in ComfyUI's order, so that
 # those workflows translate to the API form (ui_to_api, --to-api); running one names it (validate).
 COMFY_ONLY_INPUTS = {

@@ -112,7 +112,8 @@ class SanaSampler:
                                                          "Text Encode on the SANA text encoder."}),
                 "latent_image": ("LATENT", {
                     "tooltip": "Where to start: SanaEmptyLatent for text-to-image, SanaVAEEncode / VAE Encode with "
-                               "denoise < 1 for image-to-image. 32 channels, raw DC-AE latent."}),
+                               "denoise < 1 for image-to-image. 32 channels, raw DC-AE latent. A noise mask on it "
+                               "(Set Latent Noise Mask) inpaints: only the masked part is generated."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
                                  "tooltip": "The noise seed (the noise is made on the CPU, so a seed gives the same "
                                             "image on any GPU, as in ComfyUI's KSampler)."}),
@@ -184,7 +185,12 @@ class SanaSampler:
             raise ValueError(f"SanaSampler: {config.variant} is a Sana-Sprint model, whose guidance is embedded: "
                              f"perturbed-attention guidance does not apply. Set pag_scale to 0 (and take out any "
                              f"SANA Perturbed-Attention Guidance node before this sampler)")
-        if denoise <= 0.0:
+        mask = latent_image.get("noise_mask")
+        empty_mask = mask is not None and not mask.any()
+        if empty_mask:
+            host.log.warning("SanaSampler: the latent's noise mask is empty (all zeros), so there is nothing to "
+                             "repaint and the latent comes back as it was; paint the mask (Load Image's mask editor)")
+        if denoise <= 0.0 or empty_mask:  # nothing to generate: the latent as it came
             return {"ui": {"sana_stats": []}, "result": (dict(latent_image),)}
         preview = None
         if vae is not None and h.previews:  # the projection comes from one small decode (then cached)
@@ -215,12 +221,13 @@ class SanaSampler:
                 host.log.info(f"SanaSampler: ComfyUI's sampling loop for {core_loop}")
                 result = h.family.sample(patched_model, positive, negative, raw, noise, sampler_name=sampler,
                                          steps=steps, cfg=cfg, pag_scale=pag_scale, pag_layers=pag_layers,
-                                         shift=shift, denoise=denoise, seed=seed, callback=callback)
+                                         shift=shift, denoise=denoise, seed=seed, callback=callback, mask=mask)
             else:
                 result = sample_latents(dit, noise, cond, cond_mask, uncond, uncond_mask, sampler=sampler,
                                         steps=steps, cfg=cfg, pag_scale=pag_scale, pag_layers=pag_layers, shift=shift,
-                                        denoise=denoise, latent=samples if denoise < 1.0 else None, seed=seed,
-                                        callback=callback, runtime=h.runtime, device=device) / SCALING_FACTOR
+                                        denoise=denoise, latent=samples if denoise < 1.0 or mask is not None else None,
+                                        mask=mask, seed=seed, callback=callback, runtime=h.runtime,
+                                        device=device) / SCALING_FACTOR
         finally:
             noise = None
             h.free_cache()
@@ -234,6 +241,6 @@ class SanaSampler:
             "steps": len(step_times), "sampler": sampler, "variant": config.variant,
             "width": lw * 32, "height": lh * 32, "batch_size": batch, "device": str(device),
         }
-        out = {k: v for k, v in latent_image.items() if k != "noise_mask"}
+        out = dict(latent_image)  # the noise mask stays, as KSampler keeps it
         out["samples"] = result
         return {"ui": {"sana_stats": [stats]}, "result": (out,)}

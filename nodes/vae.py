@@ -40,9 +40,10 @@ def decode(vae: host.ManagedModel, samples, node: str, *, tile: int = None, over
     return to_image(pixels, node)
 
 
-def encode(vae: host.ManagedModel, pixels, node: str) -> torch.Tensor:
+def encode(vae: host.ManagedModel, pixels, node: str, *, tile: int = None, overlap: int = None) -> torch.Tensor:
     """Raw latent (B, 32, ceil(H/32), ceil(W/32)) of an IMAGE; sides that are not multiples of 32 are
-    padded (edge pixels repeated), never cropped."""
+    padded (edge pixels repeated), never cropped. Tiles of `tile` pixels reading `overlap` pixels of context
+    when tile is given, else untiled when it fits in free memory and tiled when not (the same latent)."""
     if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4:
         raise ValueError(f"{node}: 'pixels' is not a ComfyUI IMAGE [batch, height, width, channels]")
     if not torch.isfinite(pixels).all():
@@ -50,10 +51,12 @@ def encode(vae: host.ManagedModel, pixels, node: str) -> torch.Tensor:
     image = pixels[..., :3].movedim(-1, 1).float()  # (B, 3, H, W), alpha dropped
     height, width = image.shape[-2:]
     image = F.pad(image, (0, -width % LATENT_FACTOR, 0, -height % LATENT_FACTOR), mode="replicate")
-    ae = vae.ready(vae.model.activation_bytes(image.shape[0], image.shape[2] // LATENT_FACTOR,
-                                              image.shape[3] // LATENT_FACTOR))
-    with torch.inference_mode():
-        latent = ae.encode((image * 2 - 1).to(device=ae.device, dtype=ae.dtype))
+    ae = vae.ready(vae.model.encode_activation_bytes(*image.shape[:1], *image.shape[2:], tile=tile))
+    h = host.current()
+    with torch.inference_mode():  # Cancel between tiles and stages
+        image = (image * 2 - 1).to(device=ae.device, dtype=ae.dtype)
+        latent = h.runtime.encode(ae, image, between=h.check_interrupted) if tile is None else \
+            ae.encode_tiled(image, tile=tile, overlap=overlap, between=h.check_interrupted)
     return (latent.float() / ae.scaling_factor).to(host.current().intermediate_device())
 
 
@@ -119,7 +122,8 @@ class SanaVAEEncode:
                        "by 0.41407 when sampling), for SanaSampler or KSampler with denoise < 1.",)
     FUNCTION = "encode"
     CATEGORY = "SANA"
-    DESCRIPTION = "Encodes an image to a SANA latent (image-to-image, inpainting-free edits)."
+    DESCRIPTION = ("Encodes an image to a SANA latent (image-to-image; inpainting with Set Latent Noise Mask). Large "
+                   "images are encoded in tiles when they would not fit in free memory (the same latent).")
 
     def encode(self, pixels, vae):
         return ({"samples": encode(host.unwrap(vae, "autoencoder", "SanaVAEEncode"), pixels, "SanaVAEEncode")},)

@@ -19,6 +19,9 @@ Tiling: only stages 3-5 mix information globally (linear attention), and they ru
 output size, so `decode_tiled` runs them on the whole latent and tiles only the purely convolutional
 stages 0-2 + output head, each tile reading `overlap` pixels of context around it. With the default
 overlap (the receptive field of those stages, 56 px) tiled equals untiled: no seams, no blending.
+`encode_tiled` is the mirror image: the input convolution and stages 0-2 of the encoder (ResBlocks and the
+downsamplings, everything at full to 1/4 resolution) run on tiles aligned to 8 px with their receptive field
+(36 px, rounded up to 40) of context, stages 3-5 and the output on the whole 1/8-resolution features.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +36,7 @@ from .checkpoints import (CheckpointError, default_device, default_dtype, descri
 
 SCALING_FACTOR = 0.41407  # latent = encode(image) * 0.41407 (no shift)
 WORK_BYTES = 1 << 30      # temporaries of one block stay under this (bands of rows / groups of heads)
-DEFAULT_TILE = 1024       # decode_tiled: tile side in output pixels (bench/dcae_tiling.py)
+DEFAULT_TILE = 1024       # decode_tiled / encode_tiled: tile side in image pixels (bench/dcae_tiling.py)
 MEMORY_MARGIN = 1.25      # activation_bytes: safety factor on the activation estimate (cuDNN workspaces)
 
 
@@ -401,12 +404,30 @@ class Encoder(nn.Module):
                              if i < n - 1 else []))
             for i in range(n))
         self.conv_out = nn.Conv2d(widths[-1], config.latent_channels, 3, padding=1, **kw)
+        # stages >= first_global hold attention and run on the whole image; below, only convolutions
+        self.first_global = min([i for i, s in enumerate(scales) if s is not None and depths[i]], default=n)
+        self.local_scale = 2 ** min(self.first_global, n - 1)  # input pixels per pixel of the local stages' output
+        # receptive field of the local stages (input pixels on each side): the 3x3 input conv, then per stage
+        # two 3x3 convs per ResBlock and the 3x3 downsampling conv, at that stage's scale
+        field = 1 + sum(2 ** i * (2 * depths[i] + (i < n - 1)) for i in range(self.first_global))
+        self.local_halo = -(-field // self.local_scale)  # in pixels of the local output (SANA: 5, 40 input px)
 
     def forward(self, x):  # (B, 3, H, W) -> (B, 32, H/32, W/32) unscaled latent
+        return self.global_stages(self.local_stages(x))
+
+    def local_stages(self, x):  # convolutions only: a tile with enough context encodes exactly
         x = self.conv_in(x)
-        for stage in self.down_blocks:
+        for stage in self.down_blocks[:self.first_global]:
             for block in stage:
                 x = block(x)
+        return x
+
+    def global_stages(self, x, between=None):  # features of the local stages (the whole image) -> latent
+        for stage in self.down_blocks[self.first_global:]:
+            for block in stage:
+                x = block(x)
+            if between is not None:
+                between()
         if not self.out_shortcut:
             return self.conv_out(x)
         shortcut = x.unflatten(1, (self.conv_out.out_channels, -1)).mean(2)  # channel-averaged
@@ -440,18 +461,61 @@ class DCAE(nn.Module):
     @torch.inference_mode()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1], H and W multiples of 32 -> scaled latent (B, 32, H/32, W/32)."""
-        if self.encoder is None:
-            raise CheckpointError("this autoencoder file holds only the decoder: encoding needs the full "
-                                  "DC-AE file (encoder and decoder)")
-        f = self.spatial_compression
-        if image.ndim != 4 or image.shape[1] != self.config.image_channels:
-            raise ValueError(f"expected images (B, {self.config.image_channels}, H, W), got shape {tuple(image.shape)}")
-        if image.shape[2] % f or image.shape[3] % f:
-            raise ValueError(f"image sides must be multiples of {f}, got {image.shape[3]}x{image.shape[2]} "
-                             f"(width x height): crop or resize it, e.g. to "
-                             f"{image.shape[3] // f * f or f}x{image.shape[2] // f * f or f}")
+        self._check_image(image)
         latent = self.encoder(image.to(device=self.device, dtype=self.dtype))
         return latent.float().mul_(self.scaling_factor)
+
+    @torch.inference_mode()
+    def encode_tiled(self, image: torch.Tensor, tile: int = None, overlap: int = None, *,
+                     between=None) -> torch.Tensor:
+        """Like encode with bounded memory: the encoder's convolutional stages run on tiles of `tile` pixels
+        (default DEFAULT_TILE, rounded down to a multiple of 8), each reading `overlap` pixels of context on every
+        side (default: their receptive field, which makes the result equal to `encode` up to float rounding);
+        the attention stages on the whole 1/8-size features. `between` is called after each tile and stage."""
+        self._check_image(image)
+        enc = self.encoder
+        f = enc.local_scale
+        tile = DEFAULT_TILE if tile is None else tile
+        halo = enc.local_halo if overlap is None else -(-overlap // f)
+        if tile < f or halo < 0:
+            raise ValueError(f"tile must be at least {f} pixels and overlap at least 0; got {tile}, {overlap}")
+        tile_k = tile // f
+        B, _, H, W = image.shape
+        Hk, Wk = H // f, W // f
+        x = None
+        for r0, r1 in _split(Hk, tile_k):
+            for c0, c1 in _split(Wk, tile_k):
+                a0, a1, b0, b1 = max(r0 - halo, 0), min(r1 + halo, Hk), max(c0 - halo, 0), min(c1 + halo, Wk)
+                part = image[:, :, a0 * f:a1 * f, b0 * f:b1 * f].to(device=self.device, dtype=self.dtype)
+                y = enc.local_stages(part)
+                if x is None:
+                    x = y.new_empty(B, y.shape[1], Hk, Wk)
+                x[:, :, r0:r1, c0:c1] = y[:, :, r0 - a0:r1 - a0, c0 - b0:c1 - b0]
+                del y, part
+                if between is not None:
+                    between()
+        return enc.global_stages(x, between).float().mul_(self.scaling_factor)
+
+    def encode_activation_bytes(self, batch: int, height: int, width: int, *, tile: int = None) -> int:
+        """Estimated peak device memory (bytes, beyond the weights) of encode (tile None) or encode_tiled(tile=tile)
+        of (batch, 3, height, width) images: the largest stage's input and output (and attention buffers), the
+        per-block WORK_BYTES, the kept 1/8-size features when tiled, times MEMORY_MARGIN."""
+        if self.encoder is None:
+            return 0  # nothing to encode with: encode says so
+        enc, cfg, e = self.encoder, self.config, torch.empty((), dtype=self.dtype).element_size()
+        widths, n, k = cfg.encoder_widths, len(cfg.encoder_widths), enc.first_global
+        pixels = lambda i: height * width // 4 ** i  # pixels of stage i's input, whole image
+        held = batch * height * width * 3 * (e + 4)  # the images, cast
+        region = pixels(0)
+        if tile is not None and tile < max(height, width):
+            f = enc.local_scale
+            held += batch * widths[k] * pixels(k) * e
+            region = (tile // f * f + 2 * enc.local_halo * f) ** 2
+        worst = max([(2 + 1 + len(cfg.encoder_scales[i] or ())) * widths[i] * pixels(i) for i in range(k, n)],
+                    default=0)
+        for i in range(k):  # stage input and output, the downsampling's output and shortcut
+            worst = max(worst, region // 4 ** i * (2 * widths[i] + widths[min(i + 1, n - 1)]))
+        return int(MEMORY_MARGIN * (held + batch * worst * e + WORK_BYTES))
 
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor, *, decoder=None, between=None) -> torch.Tensor:
@@ -509,6 +573,18 @@ class DCAE(nn.Module):
         return self._preview
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _check_image(self, image: torch.Tensor) -> None:
+        if self.encoder is None:
+            raise CheckpointError("this autoencoder file holds only the decoder: encoding needs the full "
+                                  "DC-AE file (encoder and decoder)")
+        f = self.spatial_compression
+        if image.ndim != 4 or image.shape[1] != self.config.image_channels:
+            raise ValueError(f"expected images (B, {self.config.image_channels}, H, W), got shape {tuple(image.shape)}")
+        if image.shape[2] % f or image.shape[3] % f:
+            raise ValueError(f"image sides must be multiples of {f}, got {image.shape[3]}x{image.shape[2]} "
+                             f"(width x height): crop or resize it, e.g. to "
+                             f"{image.shape[3] // f * f or f}x{image.shape[2] // f * f or f}")
 
     def _unscale(self, latent: torch.Tensor) -> torch.Tensor:
         c = self.latent_channels

@@ -7,12 +7,13 @@ import torch.nn.functional as F
 
 from . import samplers
 from .controlnet import prepare_controls
+from .inpaint import latent_mask
 from .presets import pairing_error
 from .runtime import fingerprint
 
 
 def sample_latents(transformer, noise, cond, cond_mask, uncond=None, uncond_mask=None, *, sampler, steps, cfg,
-                   pag_scale=0.0, pag_layers=(), shift, denoise=1.0, latent=None, seed=0, callback=None,
+                   pag_scale=0.0, pag_layers=(), shift, denoise=1.0, latent=None, mask=None, seed=0, callback=None,
                    integer_timesteps=True, runtime=None, device=None, controls=()) -> torch.Tensor:
     """Guided sampling: returns the clean float32 latent (B, 32, h, w) on `device`.
 
@@ -28,6 +29,9 @@ def sample_latents(transformer, noise, cond, cond_mask, uncond=None, uncond_mask
     device: where to sample (None: the transformer's; give a partially loaded model's load device).
     controls: (ControlNet, hint latent (1 or B, 32, h, w), strength) triples (sana_core.controlnet), applied to
     every guidance group.
+    latent (B, 32, h, w): the clean latent of an input image (scaled), where denoise < 1 starts from and what a
+    mask keeps. mask: inpainting (sana_core.inpaint): 1 = generate, 0 = keep `latent`, between = blend; at pixel
+    resolution ((H, W), (1 or B, H, W) or (1 or B, 1, H, W): max-pooled to the latent grid) or on the grid.
     """
     config = transformer.config
     samplers.check_steps(sampler, steps, denoise)
@@ -36,6 +40,10 @@ def sample_latents(transformer, noise, cond, cond_mask, uncond=None, uncond_mask
         raise ValueError(error)
     device, dtype = torch.device(device or transformer.device), transformer.dtype
     batch = noise.shape[0]
+    if mask is not None:
+        if latent is None:
+            raise ValueError("a mask needs the latent of the image to keep (latent=): encode the image first")
+        mask = latent_mask(mask, batch, *noise.shape[-2:]).to(device)
     cond, cond_mask = _expand(cond, cond_mask, batch, "cond")
     use_cfg, use_pag = (not config.sprint) and cfg != 1.0, pag_scale != 0.0
     if config.sprint and use_pag:
@@ -85,10 +93,10 @@ def sample_latents(transformer, noise, cond, cond_mask, uncond=None, uncond_mask
                 step = runtime.graphed(velocity, constants, module=transformer, key=("velocity", n, use_cfg, use_pag,
                                        layers, nets), tokens=n * batch * noise.shape[-2] * noise.shape[-1])
             return samplers.sample(step, noise.to(device), sampler=sampler, steps=steps, shift=shift,
-                                   denoise=denoise, latent=latent, generator=generator, callback=callback,
+                                   denoise=denoise, latent=latent, mask=mask, generator=generator, callback=callback,
                                    integer_timesteps=integer_timesteps)
     except BaseException:
-        context = context_mask = guidance = perturbed = noise = latent = cond = uncond = None
+        context = context_mask = guidance = perturbed = noise = latent = mask = cond = uncond = None
         caption = constants = step = control = None
         raise
 

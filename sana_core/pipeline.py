@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from . import resolution, samplers
 from .controlnet import encode_hint
 from .guidance import sample_latents
+from .inpaint import DEFAULT_FEATHER, composite
 from .presets import SAMPLER_STEPS, base_resolution, defaults_for, pairing_error
 from .runtime import TEXT_RESERVE, Runtime, sampling_bytes, vram_bytes
 from .text_encoder import not_finite_error
@@ -82,7 +83,7 @@ class SanaPipeline:
     def __call__(self, prompt, negative_prompt="", width=None, height=None, aspect_ratio=None, steps=None, cfg=None,
                  pag_scale=None, flow_shift=None, sampler=None, seed=0, batch_size=1, latents=None, image=None,
                  denoise=1.0, output="pil", callback=None, integer_timesteps=True, pag_layers=None, controlnet=None,
-                 control_image=None, control_scale=1.0):
+                 control_image=None, control_scale=1.0, mask=None, feather=DEFAULT_FEATHER, composite_original=True):
         """Make images. Returns a list of PIL images (output="pil"), a float tensor (B, 3, H, W) in
         [0, 1] on the CPU (output="tensor"), or the clean latent (output="latent").
 
@@ -92,7 +93,10 @@ class SanaPipeline:
         flow_shift/sampler/pag_layers takes defaults_for(model). seed: the initial noise is
         torch.randn([B, 32, H/32, W/32], generator=torch.manual_seed(seed)) on the CPU, as in ComfyUI
         (`latents` replaces it). image (PIL or (B, 3, H, W) in [0, 1]) with denoise < 1:
-        image-to-image. callback(step, total, x0) after each step; raising from it stops cleanly.
+        image-to-image. mask (PIL, white = repaint, or (H, W) / (B, H, W) / (B, 1, H, W) in [0, 1]; resized with the
+        image) with image: inpainting / outpainting (sana_core.inpaint), any denoise (1: the masked part from
+        pure noise); the original pixels are put back outside the mask, feathered over `feather` pixels, unless
+        composite_original=False. callback(step, total, x0) after each step; raising from it stops cleanly.
         controlnet (load_controlnet) with control_image (PIL or (B, 3, H, W) in [0, 1], e.g. HED edges; resized to
         the output size) and control_scale (what the ControlNet adds is multiplied by it).
         """
@@ -108,9 +112,11 @@ class SanaPipeline:
             raise ValueError(f"batch_size must be a positive whole number, got {batch_size!r}")
         if (controlnet is None) != (control_image is None):
             raise ValueError("a ControlNet needs both controlnet= (load_controlnet) and control_image= (its hint)")
-        if image is not None and denoise >= 1.0:
+        if mask is not None and image is None:
+            raise ValueError("a mask needs the image it applies to (image=)")
+        if image is not None and mask is None and denoise >= 1.0:
             raise ValueError("an input image needs denoise below 1 (e.g. 0.6): denoise=1 starts from pure noise "
-                             "and would ignore the image")
+                             "and would ignore the image (or give a mask: inpainting)")
         settings = self.resolve_settings(width=width, height=height, aspect_ratio=aspect_ratio, steps=steps, cfg=cfg,
                                          pag_scale=pag_scale, flow_shift=flow_shift, sampler=sampler,
                                          pag_layers=pag_layers, image=image)
@@ -128,10 +134,14 @@ class SanaPipeline:
                 raise ValueError(f"latents have shape {list(latents.shape)}, expected {list(shape)} for {batch} "
                                  f"image(s) of {width}x{height}")
             noise = latents.float()
-        clean = None
+        clean = pixels = None
         self._place(self.autoencoder)
         if image is not None:
-            clean = self._encode_image(image, width, height, batch)
+            pixels = resized_image(image, width, height, batch)  # (1 or B, 3, H, W) in [0, 1]
+            with torch.no_grad():
+                clean = self.runtime.encode(self.autoencoder, pixels * 2 - 1).expand(batch, -1, -1, -1).to(device)
+        if mask is not None:
+            mask = resized_mask(mask, width, height)  # (1 or B, 1, H, W) in [0, 1]
 
         cond, cond_mask, uncond, uncond_mask = self._encode_prompts(prompts, negative_prompt, batch_size,
                                                                     need_uncond=not config.sprint and cfg != 1.0)
@@ -147,16 +157,18 @@ class SanaPipeline:
             self._place(self.transformer, sampling_bytes(config, forwards, tokens, self.transformer.dtype.itemsize))
         latent = sample_latents(self.transformer, noise, cond, cond_mask, uncond, uncond_mask, sampler=sampler,
                                 steps=steps, cfg=cfg, pag_scale=pag_scale, pag_layers=pag_layers, shift=shift,
-                                denoise=denoise, latent=clean, seed=seed, callback=callback,
+                                denoise=denoise, latent=clean, mask=mask, seed=seed, callback=callback,
                                 integer_timesteps=integer_timesteps, controls=controls,
                                 runtime=self.runtime if self.parallel is None else None)
         if output == "latent":
             return latent
         self._place(self.autoencoder)
         with torch.no_grad():
-            pixels = self.runtime.decode(self.autoencoder, latent)  # float32 latent: it unscales before casting
-        finite = torch.isfinite(pixels).all()  # read once the images are on the host: no wait of its own
-        images = (pixels.float() / 2 + 0.5).clamp_(0, 1)  # (B, 3, H, W) in [0, 1], on the device
+            decoded = self.runtime.decode(self.autoencoder, latent)  # float32 latent: it unscales before casting
+        finite = torch.isfinite(decoded).all()  # read once the images are on the host: no wait of its own
+        images = (decoded.float() / 2 + 0.5).clamp_(0, 1)  # (B, 3, H, W) in [0, 1], on the device
+        if mask is not None and composite_original:
+            images = composite(pixels.to(images.device), images, mask.to(images.device), feather)
         images = images.cpu() if output == "tensor" else to_pil(images)
         if not finite:
             raise FloatingPointError("the autoencoder produced NaN or infinite pixels; it probably overflowed in "
@@ -236,17 +248,30 @@ class SanaPipeline:
             uncond, uncond_mask = uncond.to(device), uncond_mask.to(device)
         return cond, cond_mask, uncond, uncond_mask
 
-    def _encode_image(self, image, width, height, batch):
-        pixels = image_to_tensor(image)  # (b, 3, H, W) in [0, 1]
-        if pixels.shape[-2:] != (height, width):
-            pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False,
-                                   antialias=True)
-        if pixels.shape[0] not in (1, batch):
-            raise ValueError(f"{pixels.shape[0]} input images for a batch of {batch}: give 1 or {batch}")
-        ae = self.autoencoder
-        with torch.no_grad():
-            latent = ae.encode(pixels * 2 - 1).float()
-        return latent.expand(batch, -1, -1, -1).to(self.device)
+
+def resized_image(image, width: int, height: int, batch: int) -> torch.Tensor:
+    """PIL image or tensor in [0, 1] -> float32 (1 or batch, 3, height, width) on the CPU (resized if need be)."""
+    pixels = image_to_tensor(image)  # (b, 3, H, W) in [0, 1]
+    if pixels.shape[-2:] != (height, width):
+        pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    if pixels.shape[0] not in (1, batch):
+        raise ValueError(f"{pixels.shape[0]} input images for a batch of {batch}: give 1 or {batch}")
+    return pixels
+
+
+def resized_mask(mask, width: int, height: int) -> torch.Tensor:
+    """PIL image (white = 1) or tensor (H, W) / (B, H, W) / (B, 1, H, W) in [0, 1] -> float32 (B, 1, height, width)
+    on the CPU (resized bilinearly if need be)."""
+    if isinstance(mask, torch.Tensor):
+        if mask.dim() not in (2, 3, 4) or (mask.dim() == 4 and mask.shape[1] != 1):
+            raise ValueError(f"mask has shape {list(mask.shape)}: give (height, width), (batch, height, width) or "
+                             f"(batch, 1, height, width) with values in [0, 1]")
+        mask = mask.float().cpu().reshape(-1, 1, *mask.shape[-2:])
+    else:
+        mask = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)[None, None]
+    if mask.shape[-2:] != (height, width):
+        mask = F.interpolate(mask, size=(height, width), mode="bilinear", align_corners=False)
+    return mask.clamp(0, 1)
 
 
 def _checking_captions(callback, cond, uncond, dtype):

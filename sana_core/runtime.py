@@ -11,6 +11,7 @@ SanaPipeline and the nodes' hosts each hold a Runtime and pass it where it acts:
     emb, mask = runtime.encode_text(text_encoder, prompts) # Gemma's layers: one graph per length and batch;
                                                            # the instruction's keys/values computed once
     pixels = runtime.decode(autoencoder, latent)           # untiled / tiled by free memory; small: a graph
+    latent = runtime.encode(autoencoder, pixels)           # untiled / tiled by free memory
     step = runtime.graphed(fn, constants, module=m, key=..., tokens=n)  # any other pure call
     runtime.release()                                      # drop every graph and give its memory back
 
@@ -68,7 +69,7 @@ GEMMA_MAX_TOKENS = 8192  # prompt tokens per call (batch x length) up to which G
 DECODE_MAX_PIXELS = 1024  # latent pixels (batch x h x w: 1024 px images) up to which a decode replays a graph
 MIN_FREE_BYTES = 2 << 30  # free device memory under which every cached graph is dropped before a capture
 DECODE_BYTES_PER_PIXEL = 26 * 2**30 / 4096**2  # untiled bf16 DC-AE decode: 26 GiB at 4096 px (measured)
-DECODE_TILES = (2048, 1536, 1024, 768, 512, 384, 256)  # tile sides (pixels) a decode short of memory tries
+DECODE_TILES = (2048, 1536, 1024, 768, 512, 384, 256)  # tile sides (pixels) a decode or encode short of memory tries
 MAX_TEXT_ENTRIES = 8  # cached instruction prefixes (~20 MB each for Gemma-2-2B in bf16) and negative captions
 ENV = "SANA_CUDA_GRAPHS"  # "0" / "false" / "off": never capture
 
@@ -665,6 +666,21 @@ class Runtime:
                 return ae.decode_tiled(latent, tile=tile, between=between)
         return self.decode_untiled(ae, latent, between=between)
 
+    def encode(self, autoencoder, image: torch.Tensor, *, between=None) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latent (B, 32, H/32, W/32), as free device memory allows:
+        autoencoder.encode when its estimated activations fit, else encode_tiled with the biggest tile that fits
+        (exact: the same latent); the graphs' pool is given back first when an untiled encode needs it. CPU:
+        untiled. between: called between the tiles and stages of a tiled encode (a Cancel check)."""
+        ae, device = autoencoder, torch.device(autoencoder.device)
+        B, _, H, W = image.shape
+        if device.type == "cuda":
+            self._release_if_short(device, ae.encode_activation_bytes(B, H, W))
+            tile = fitting_tile(lambda t: ae.encode_activation_bytes(B, H, W, tile=t), max(H, W),
+                                free_bytes(device))
+            if tile is not None:
+                return ae.encode_tiled(image, tile=tile, between=between)
+        return ae.encode(image)
+
     def decode_untiled(self, autoencoder, latent: torch.Tensor, *, between=None) -> torch.Tensor:
         """autoencoder.decode(latent), replayed from a graph up to DECODE_MAX_PIXELS latent pixels."""
         B, _, h, w = latent.shape
@@ -701,11 +717,16 @@ def decode_tile(autoencoder, batch: int, h: int, w: int, free: int):
     """None when the decode of a (batch, 32, h, w) latent fits in `free` bytes, else the biggest tile
     (pixels) with which decode_tiled fits (the smallest one tried when none does)."""
     ae = autoencoder
-    if ae.activation_bytes(batch, h, w) <= free:
+    return fitting_tile(lambda t: ae.activation_bytes(batch, h, w, tile=t), max(h, w) * ae.spatial_compression, free)
+
+
+def fitting_tile(activation_bytes, side: int, free: int):
+    """None when activation_bytes(None) (untiled) fits in `free` bytes, else the biggest of DECODE_TILES under
+    the image's longer `side` (pixels) whose activation_bytes(tile) fits (the smallest one when none does)."""
+    if activation_bytes(None) <= free:
         return None
-    side = max(h, w) * ae.spatial_compression
     tiles = [t for t in DECODE_TILES if t < side]
-    fits = [t for t in tiles if ae.activation_bytes(batch, h, w, tile=t) <= free]
+    fits = [t for t in tiles if activation_bytes(t) <= free]
     return fits[0] if fits else (tiles[-1] if tiles else None)
 
 

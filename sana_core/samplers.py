@@ -19,6 +19,8 @@ Guidance batching lives in the function the pipeline builds (guidance.sample_lat
 import numpy as np
 import torch
 
+from .inpaint import LatentInpaint
+
 SAMPLERS = ("flow_dpm_solver", "flow_euler", "scm")
 NUM_TRAIN_TIMESTEPS = 1000
 SIGMA_DATA = 0.5  # Sana-Sprint's TrigFlow data scale
@@ -98,14 +100,16 @@ def trigflow_to_flow_time(s: torch.Tensor) -> torch.Tensor:
 
 
 def sample(velocity_fn, noise: torch.Tensor, *, sampler: str, steps: int, shift: float, denoise: float = 1.0,
-           latent: torch.Tensor | None = None, generator: torch.Generator | None = None, callback=None,
-           integer_timesteps: bool = True) -> torch.Tensor:
+           latent: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+           generator: torch.Generator | None = None, callback=None, integer_timesteps: bool = True) -> torch.Tensor:
     """Run `sampler` from `noise` (B, 32, h, w), unit variance) and return the clean latent (float32).
 
     velocity_fn(x, t): x float32 (B, 32, h, w), t float32 (B,) flow time in [0, 1] -> velocity.
     shift: flow shift of the time grid (ignored by scm).
     denoise < 1 with `latent`: image-to-image, start part way along the schedule from the noised
     latent (ComfyUI's KSampler semantics: last `steps` of an int(steps / denoise)-step schedule).
+    mask (1 or B, 1, h, w) in [0, 1] on the latent grid, with `latent`: inpainting (sana_core.inpaint): generate
+    where it is 1, keep `latent` (re-noised to each step's level with `noise`) where it is 0, blend between.
     generator: CPU generator for scm's fresh noise at each step (None: the global one).
     callback(step, total, x0): after each step (from 1), x0 the current clean-latent estimate; an
     exception it raises stops sampling and propagates.
@@ -116,20 +120,37 @@ def sample(velocity_fn, noise: torch.Tensor, *, sampler: str, steps: int, shift:
     grid, times = _schedule(sampler, steps, shift, denoise, integer_timesteps)
     if denoise < 1.0 and latent is None:
         raise ValueError("denoise < 1 needs the clean `latent` to start from (image-to-image)")
+    if mask is not None and latent is None:
+        raise ValueError("a mask needs the clean `latent` of the image whose unmasked part it keeps")
     x = noise.float()
-    latent = latent.to(device=x.device, dtype=torch.float32) if denoise < 1.0 else None
+    clean = latent.to(device=x.device, dtype=torch.float32) if latent is not None else None
+    inpaint = None if mask is None else LatentInpaint(mask.to(x.device, torch.float32), clean, x)
+    start = clean if denoise < 1.0 else None
     try:
         if sampler == "flow_dpm_solver":
-            return _flow_dpm_solver(velocity_fn, x, grid, times.to(x.device), latent, callback)
+            return _flow_dpm_solver(velocity_fn, x, grid, times.to(x.device), start, callback, inpaint)
         if sampler == "flow_euler":
-            return _flow_euler(velocity_fn, x, grid, times.to(x.device), latent, callback)
-        return _scm(velocity_fn, x, grid, latent, generator, callback)
+            return _flow_euler(velocity_fn, x, grid, times.to(x.device), start, callback, inpaint)
+        return _scm(velocity_fn, x, grid, start, generator, callback, inpaint)
     except BaseException:
-        x = noise = latent = None  # drop the tensors this frame would keep alive through the traceback
+        x = noise = latent = clean = start = inpaint = None  # drop the tensors this frame would keep alive
         raise
 
 
-def _flow_dpm_solver(velocity_fn, x, sigmas, times, latent, callback):
+def _predict(velocity_fn, x, sigma, t, inpaint):
+    """(clean-latent estimate x0, velocity (x - x0) / sigma) at the solver's noise level sigma, the DiT at time t.
+    inpaint (sana_core.inpaint.LatentInpaint): the model sees the known region re-noised to sigma and x0 holds
+    the known latent there; None: the DiT's own velocity."""
+    if inpaint is None:
+        v = velocity_fn(x, t)
+        return x - sigma * v, v
+    mask = inpaint.step_mask(sigma)
+    x_in = inpaint.noised(x, sigma, mask)
+    x0 = inpaint.denoised(x_in - sigma * velocity_fn(x_in, t), mask)
+    return x0, (x - x0) / sigma
+
+
+def _flow_dpm_solver(velocity_fn, x, sigmas, times, latent, callback, inpaint=None):
     """DPM-Solver++(2M) in data prediction; float32 scalars combined in diffusers' order."""
     steps, check = len(sigmas) - 1, FiniteCheck(len(sigmas) - 1)
     if latent is not None:
@@ -138,8 +159,7 @@ def _flow_dpm_solver(velocity_fn, x, sigmas, times, latent, callback):
     x0_prev = None
     for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]  # 0-dim CPU tensors: fine with any device
-        v = velocity_fn(x, times[i].expand(x.shape[0]))
-        x0 = x - sigma * v
+        x0, _ = _predict(velocity_fn, x, sigma, times[i].expand(x.shape[0]), inpaint)
         if sigma_next == 0:  # the last step is first order, and first order to sigma 0 gives x0
             x = x0
         else:
@@ -157,13 +177,12 @@ def _flow_dpm_solver(velocity_fn, x, sigmas, times, latent, callback):
     return x
 
 
-def _flow_euler(velocity_fn, x, sigmas, times, latent, callback):
+def _flow_euler(velocity_fn, x, sigmas, times, latent, callback, inpaint=None):
     steps, check = len(sigmas) - 1, FiniteCheck(len(sigmas) - 1)
     if latent is not None:
         x = (1 - sigmas[0]) * latent + sigmas[0] * x
     for i in range(steps):
-        v = velocity_fn(x, times[i].expand(x.shape[0]))
-        x0 = x - sigmas[i] * v
+        x0, v = _predict(velocity_fn, x, sigmas[i], times[i].expand(x.shape[0]), inpaint)
         x = x + (sigmas[i + 1] - sigmas[i]) * v
         check(x, i + 1)
         if callback is not None:
@@ -172,11 +191,11 @@ def _flow_euler(velocity_fn, x, sigmas, times, latent, callback):
     return x
 
 
-def _scm(velocity_fn, noise, times, latent, generator, callback):
+def _scm(velocity_fn, noise, times, latent, generator, callback, inpaint=None):
     """Sana-Sprint: x_s = cos(s) x0 + sin(s) z in TrigFlow space (data scaled by SIGMA_DATA).
     The flow DiT sees t = sin s / (sin s + cos s) and x / SIGMA_DATA * sqrt(t^2 + (1-t)^2); its
     velocity converts back to the TrigFlow velocity F, x0 = cos(s) x - sin(s) F, then fresh noise
-    at the next time (as diffusers' SanaSprintPipeline and SCMScheduler)."""
+    at the next time (as diffusers' SanaSprintPipeline and SCMScheduler). inpaint acts in flow space, at t."""
     steps, check = len(times) - 1, FiniteCheck(len(times) - 1)
     x = noise * SIGMA_DATA
     if latent is not None:
@@ -187,7 +206,7 @@ def _scm(velocity_fn, noise, times, latent, generator, callback):
         t4 = t.view(-1, 1, 1, 1)
         norm = torch.sqrt(t4 ** 2 + (1 - t4) ** 2)
         x_flow = x / SIGMA_DATA * norm
-        v = velocity_fn(x_flow, t)
+        _, v = _predict(velocity_fn, x_flow, t4, t, inpaint)
         trig_v = ((1 - 2 * t4) * x_flow + (1 - 2 * t4 + 2 * t4 ** 2) * v) / norm
         trig_v = trig_v.float() * SIGMA_DATA
         x0 = torch.cos(s) * x - torch.sin(s) * trig_v
@@ -253,20 +272,23 @@ def model_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_flow_dpm_solver(model, x, sigmas, extra_args=None, callback=None, disable=None, integer_timesteps=True):
-    """Flow-DPM-Solver (DPM-Solver++ 2M in the flow's lambda = log((1 - sigma) / sigma)) in k-diffusion form."""
+def sample_flow_dpm_solver(model, x, sigmas, extra_args=None, callback=None, disable=None, integer_timesteps=True,
+                           inpaint=None):
+    """Flow-DPM-Solver (DPM-Solver++ 2M in the flow's lambda = log((1 - sigma) / sigma)) in k-diffusion form.
+    inpaint (sana_core.inpaint.LatentInpaint), in every k-form sampler: the known region blended at the solver's
+    sigmas (the model, called at the integer timesteps, must then not blend it itself)."""
     sigmas = sigmas.float().cpu()
     times = model_timesteps(sigmas) if integer_timesteps else sigmas[:-1]
     return _flow_dpm_solver(_velocity_of(model, extra_args), x.float(), sigmas, times.to(x.device), None,
-                            _k_callback(callback))
+                            _k_callback(callback), inpaint)
 
 
 @torch.no_grad()
-def sample_flow_euler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+def sample_flow_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, inpaint=None):
     """Flow Euler, x += (sigma_next - sigma) v, in k-diffusion form (the model sees the float sigmas)."""
     sigmas = sigmas.float().cpu()
     return _flow_euler(_velocity_of(model, extra_args), x.float(), sigmas, sigmas[:-1].to(x.device), None,
-                       _k_callback(callback))
+                       _k_callback(callback), inpaint)
 
 
 def scm_sigmas(steps: int, denoise: float = 1.0) -> torch.Tensor:
@@ -279,7 +301,7 @@ def scm_sigmas(steps: int, denoise: float = 1.0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_scm(model, x, sigmas, extra_args=None, callback=None, disable=None):
+def sample_scm(model, x, sigmas, extra_args=None, callback=None, disable=None, inpaint=None):
     """Sana-Sprint's sCM steps in k-diffusion form. sigmas: flow sigmas from scm_sigmas (converted back
     to TrigFlow times); x: the flow latent at sigmas[0]. Fresh noise at each step comes from a CPU
     generator seeded with extra_args["seed"] after one draw of x's shape (the initial noise's draw, as
@@ -290,7 +312,8 @@ def sample_scm(model, x, sigmas, extra_args=None, callback=None, disable=None):
     trig = x.float() * SIGMA_DATA / torch.sqrt(t0 ** 2 + (1 - t0) ** 2).to(x.device)  # flow -> TrigFlow space
     generator = torch.Generator().manual_seed(int((extra_args or {}).get("seed", 0) or 0))
     torch.randn(x.shape, generator=generator)
-    return _scm(_velocity_of(model, extra_args), trig / SIGMA_DATA, times, None, generator, _k_callback(callback))
+    return _scm(_velocity_of(model, extra_args), trig / SIGMA_DATA, times, None, generator, _k_callback(callback),
+                inpaint)
 
 
 K_SAMPLERS = {"flow_dpm_solver": sample_flow_dpm_solver, "flow_euler": sample_flow_euler, "scm": sample_scm}

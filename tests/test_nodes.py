@@ -41,6 +41,7 @@ EXPECTED_INPUTS = {
     "SanaControlNetLoader": ["control_net_name", "graph"],
     "SanaLoraLoader": ["model", "lora_name", "strength_model"],
     "SanaQuantizeModel": ["model_name", "format", "output_name"],
+    "SanaInpaintComposite": ["original", "decoded", "mask", "feather"],
 }
 # Round 1's SANA_* socket types are retired: the loaders give ComfyUI's own.
 CORE_TYPES = {"SanaModelLoader": ("MODEL",), "SanaTextEncoderLoader": ("CLIP",), "SanaVAELoader": ("VAE",)}
@@ -331,11 +332,18 @@ def test_decode_encode_and_image_to_image(loaded, local):
 
 # -- sana-run --------------------------------------------------------------------------------------
 
+# The saved image's size from a 70 x 64 input: padded to 96 x 64 by the VAE, composited back to the input's size,
+# grown by 256 px by Pad Image for Outpainting; 64 x 64 from an empty latent.
+SAVED_SIZE = {"sana_image_to_image": (96, 64), "sana_inpaint": (70, 64), "sana_outpaint": (326, 64)}
+
+
 @pytest.mark.parametrize("name", ["sana_1024_text_to_image", "sana_4096_tiled_decode", "sana_sprint_2_steps",
-                                  "sana_image_to_image", "sana_lora"])
+                                  "sana_image_to_image", "sana_lora", "sana_inpaint", "sana_outpaint"])
 def test_runner_runs_each_workflow(models, tmp_path, capsys, name):
-    Image.new("RGB", (70, 64), (200, 40, 10)).save(tmp_path / "example.png")
-    size = [] if "image_to" in name else ["--set", "SanaEmptyLatent.preset=custom", "--set",
+    example = Image.new("RGBA", (70, 64), (200, 40, 10, 255))
+    example.paste((200, 40, 10, 0), (30, 10, 31, 50))  # a painted 1-px stroke: the mask LoadImage gives
+    example.save(tmp_path / "example.png")
+    size = [] if name in SAVED_SIZE else ["--set", "SanaEmptyLatent.preset=custom", "--set",
                                           "SanaEmptyLatent.width=64", "--set", "SanaEmptyLatent.height=64"]
     previous = host._host
     try:
@@ -349,7 +357,7 @@ def test_runner_runs_each_workflow(models, tmp_path, capsys, name):
     written = Path(captured.out.strip().splitlines()[-1])
     assert written.parent == tmp_path / "out" / "SANA" and written.is_file()
     with Image.open(written) as png:
-        assert png.size == ((96, 64) if "image_to" in name else (64, 64))  # a 70 px side is padded, not cropped
+        assert png.size == SAVED_SIZE.get(name, (64, 64))
         prompt = json.loads(png.text["prompt"])
     sampler = next(n for n in prompt.values() if n["class_type"] == "SanaSampler")
     assert sampler["inputs"]["steps"] == 2 and "2 steps" in captured.err

@@ -37,6 +37,10 @@ CORE_SPEC = {
                                             "control_net": "CONTROL_NET", "image": "IMAGE", "vae": "VAE"},
                                 "widgets": [("strength", "FLOAT", 1), ("start_percent", "FLOAT", 1),
                                             ("end_percent", "FLOAT", 1)], "outputs": ["CONDITIONING", "CONDITIONING"]},
+    "SetLatentNoiseMask": {"sockets": {"samples": "LATENT", "mask": "MASK"}, "widgets": [], "outputs": ["LATENT"]},
+    "ImagePadForOutpaint": {"sockets": {"image": "IMAGE"},
+                            "widgets": [("left", "INT", 1), ("top", "INT", 1), ("right", "INT", 1),
+                                        ("bottom", "INT", 1), ("feathering", "INT", 1)], "outputs": ["IMAGE", "MASK"]},
 }
 SEED_CONTROLS = ("fixed", "increment", "decrement", "randomize")
 # Model files the workflows name: the published releases (see README).
@@ -90,11 +94,12 @@ def check_value(node, name, kind, options, value):
                 assert value in choices, f"{where}: {value!r} is not one of the node's choices"
 
 
-def test_there_are_six_workflows_in_both_forms():
+def test_there_are_eight_workflows_in_both_forms():
     names = {p.name for p in UI_WORKFLOWS}
     assert names == {p.name for p in API_WORKFLOWS}
     assert names == {"sana_1024_text_to_image.json", "sana_4096_tiled_decode.json", "sana_sprint_2_steps.json",
-                     "sana_image_to_image.json", "sana_controlnet_edges.json", "sana_lora.json"}
+                     "sana_image_to_image.json", "sana_controlnet_edges.json", "sana_lora.json",
+                     "sana_inpaint.json", "sana_outpaint.json"}
 
 
 def test_runner_core_nodes_have_comfyui_inputs():
@@ -194,6 +199,20 @@ def test_workflows_are_the_documented_recipes():
     note, = (n for n in json.loads((ROOT / "workflows" / "sana_controlnet_edges.json").read_text())["nodes"]
              if n["type"] == "MarkdownNote")
     assert "HED" in note["widgets_values"][0] and "Canny is a stand-in" in note["widgets_values"][0]
+    for name, chain in (("sana_inpaint.json", ("SanaVAEEncode", "LoadImage")),
+                        ("sana_outpaint.json", ("VAEEncode", "ImagePadForOutpaint", "LoadImage"))):
+        api, s = sampler(name)  # the masked latent: encoded image + the mask of the node that made the image
+        assert s["denoise"] == 1.0
+        masked = api[s["latent_image"][0]]
+        assert masked["class_type"] == "SetLatentNoiseMask"
+        node = masked["inputs"]["samples"]
+        for kind in chain:
+            assert api[node[0]]["class_type"] == kind
+            node = api[node[0]]["inputs"].get("pixels") or api[node[0]]["inputs"].get("image")
+        image = api[masked["inputs"]["mask"][0]]
+        assert masked["inputs"]["mask"][1] == 1 and image["class_type"] == chain[-2 if len(chain) > 2 else -1]
+        composite = next(n["inputs"] for n in api.values() if n["class_type"] == "SanaInpaintComposite")
+        assert composite["mask"] == masked["inputs"]["mask"] and composite["original"] == [masked["inputs"]["mask"][0], 0]
 
 
 def _node(id_, type_, widgets, inputs=(), outputs=(), mode=0):

@@ -59,6 +59,8 @@ def small(name, *, steps=2, size=64):
             inputs["steps"] = steps
         elif node["class_type"] == "SanaVAEDecodeTiled":
             inputs.update(tile_size=64, overlap=32)
+        elif node["class_type"] == "ImagePadForOutpaint":
+            inputs.update(left=0, top=0, right=32, bottom=0)
     return prompt
 
 
@@ -93,13 +95,16 @@ def test_object_info_lists_the_nodes_with_their_inputs(server):
 def test_each_workflow_makes_an_image(server, path):
     prompt = small(path)
     if "LoadImage" in {n["class_type"] for n in prompt.values()}:
-        Image.new("RGB", (64, 64), (30, 120, 200)).save(server.input_dir / "example.png")
+        example = Image.new("RGBA", (64, 64), (30, 120, 200, 255))
+        example.paste((30, 120, 200, 0), (20, 8, 24, 40))  # a painted mask (transparent) for the inpaint workflow
+        example.save(server.input_dir / "example.png")
+    pad = next((n["inputs"] for n in prompt.values() if n["class_type"] == "ImagePadForOutpaint"), None)
     entry = run_ok(server, prompt)
     images = entry["outputs"][node_of(prompt, "SaveImage")]["images"]
     assert len(images) == 1
     file = server.output_dir / images[0]["subfolder"] / images[0]["filename"]
     with Image.open(file) as png:
-        assert png.size == (64, 64)
+        assert png.size == ((64 + pad["left"] + pad["right"], 64 + pad["top"] + pad["bottom"]) if pad else (64, 64))
         embedded = json.loads(png.text["prompt"])  # ComfyUI embedded the workflow (adding its own keys)
     assert {i: (n["class_type"], n["inputs"]) for i, n in embedded.items()} == \
         {i: (n["class_type"], n["inputs"]) for i, n in prompt.items()}
