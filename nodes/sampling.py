@@ -196,6 +196,8 @@ class SanaSampler:
         element = next(model.model.parameters()).element_size()
         dit = model.ready(dit_memory_required(config, forwards * batch, lh * lw, element))
         device = model.load_device  # a low-VRAM load leaves some weights on the CPU: sample where the rest are
+        if model.workers is not None:  # several GPUs (SanaModelLoader's gpus): calls shared out, no CUDA graphs
+            dit = model.workers.transformer(dit)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         progress = h.progress(steps, "SanaSampler")
@@ -220,7 +222,8 @@ class SanaSampler:
                 result = sample_latents(dit, noise, cond, cond_mask, uncond, uncond_mask, sampler=sampler,
                                         steps=steps, cfg=cfg, pag_scale=pag_scale, pag_layers=pag_layers, shift=shift,
                                         denoise=denoise, latent=samples if denoise < 1.0 else None, seed=seed,
-                                        callback=callback, runtime=h.runtime, device=device) / SCALING_FACTOR
+                                        callback=callback, runtime=None if model.workers else h.runtime,
+                                        device=device) / SCALING_FACTOR
         finally:
             noise = None
             h.free_cache()

@@ -568,6 +568,7 @@ class LeaderTransformer:
         return self.model.device
 
     def encode_caption(self, context, context_mask=None, *, device=None):
+        self.workers.ready(self.model)  # refuses patches it cannot carry before any work
         caption = self.model.encode_caption(context, context_mask, device=device)
         return SentCaption(caption, context, context_mask, next(_caption_keys))
 
@@ -659,7 +660,7 @@ class Workers:
                 how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
                 logfile.seek(0)
                 lines = [line for line in logfile.read().decode(errors="replace").splitlines() if line.strip()]
-                last = f": {lines[-1].strip()[:500]}" if lines else ""
+                last = f": {lines[-1].strip()[:500]}" if lines and code > 0 else ""  # its error
                 raise ParallelError(f"the SANA worker process on {self.devices[rank]} (rank {rank}) {how}{last}")
 
     def stop(self):
@@ -694,19 +695,25 @@ class Workers:
         with self.comm.talking("sending the call to the workers"):
             dist.broadcast_object_list([call], src=0, group=self.calls)
 
-    def call(self, model, x, timestep, caption: SentCaption, guidance, perturbed, layers) -> torch.Tensor:
-        """model(x, timestep, caption, ...) shared out over this process and the workers (started if needed)."""
+    def ready(self, model):
+        """The workers running (started again if one died between calls: nothing is lost) and holding
+        `model`'s patched weights: before a sampling run's caption, and before each call."""
         if self.comm is not None:
             try:
                 self.check()
-            except ParallelError as e:  # between calls: nothing is lost, start them again
+            except ParallelError as e:
                 log.warning("SANA: %s; starting the workers again", e)
                 self.stop()
-        if self.comm is None:
-            self.start()
-        comm = self.comm
-        try:
+        with self._failing():
+            if self.comm is None:
+                self.start()
             self._send_weights(model)
+
+    def call(self, model, x, timestep, caption: SentCaption, guidance, perturbed, layers) -> torch.Tensor:
+        """model(x, timestep, caption, ...) shared out over this process and the workers."""
+        self.ready(model)
+        comm = self.comm
+        with self._failing():
             plan = choose_plan(comm.world, x.shape[0], x.shape[2])
             new = caption.key not in self.sent_captions
             tensors = [x, timestep, guidance, perturbed] + ([caption.context, caption.mask] if new else [None, None])
@@ -719,12 +726,19 @@ class Workers:
             self.sent_captions = ([caption.key] + self.sent_captions)[:KEPT_CAPTIONS] if new else self.sent_captions
             return forward_shared(model, comm, plan, tensors[0], tensors[1], caption.caption, None, tensors[2],
                                   tensors[3], layers, watch=True)
+
+    @contextmanager
+    def _failing(self):
+        """A failure inside stops the workers (they may be inside a collective); the next call starts them.
+        A ParallelError says which worker failed and how, when one did."""
+        try:
+            yield
         except ParallelError as e:
             cause = self._dead_worker(wait=2.0)
             self.stop()
             raise ParallelError(f"{cause or e}; this call's result is lost, the next call starts the workers "
                                 f"again") from e
-        except BaseException:  # the workers may be inside a collective: stop them; the next call starts them
+        except BaseException:
             self.stop()
             raise
 
