@@ -736,8 +736,8 @@ class Workers:
         except ParallelError as e:
             cause = self._dead_worker(wait=2.0)
             self.stop()
-            raise ParallelError(f"{cause or e}; this call's result is lost, the next call starts the workers "
-                                f"again") from e
+            raise ParallelError(f"{cause or e}. This sampling is lost; the workers start again for the next "
+                                f"one") from e
         except BaseException:
             self.stop()
             raise
