@@ -75,8 +75,14 @@ class SanaModelLoader:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model_name, gpus="1"):
-        return _installed("transformer", model_name)
+    def VALIDATE_INPUTS(cls, model_name=None, gpus=None):
+        from .parallel_host import devices_for
+        try:
+            if gpus is not None:
+                devices_for(gpus, host.current().devices("transformer")[0])
+        except ValueError as e:
+            return str(e)
+        return True if model_name is None else _installed("transformer", model_name)
 
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
