@@ -590,9 +590,10 @@ class Workers:
     call's inputs (the caption once) are broadcast to the workers and every process computes its part as
     ParallelTransformer does (choose_plan per call); this process gets the whole output.
 
-    weights: None, or a callable giving (version, {name: (parameter, make)}) for the weights of this process's
-    model that are patched (a LoRA merged by ComfyUI's ModelPatcher: make() gives the patched tensor); when
-    the version changes, the patched weights are sent before the next call and the workers restore the others.
+    weights: None, or a callable giving (version, {name: make}) for the weights of this process's model that
+    are patched (a LoRA merged by ComfyUI's ModelPatcher: make() gives the patched tensor; it may raise to
+    refuse patches the workers cannot apply); when the version changes, the patched weights are sent before
+    the next call and the workers restore the others.
     Failures: a worker that died, ran out of memory or did not answer within `timeout` ends the call with a
     ParallelError naming the worker and its last error line; the workers are stopped and the next call starts
     them again. One Workers runs at a time in a process (torch.distributed has one default process group):
@@ -617,6 +618,7 @@ class Workers:
         """Starts the workers and waits until each has loaded the DiT and joined (ParallelError if one fails)."""
         global _running
         if _running is not None and _running is not self:
+            log.warning("SANA: stopping %s: one model at a time shares its calls with worker processes", _running)
             _running.stop()
         if dist.is_initialized():
             raise ParallelError("this process is already in a torch.distributed process group (torchrun, sana-run "
@@ -698,6 +700,7 @@ class Workers:
     def ready(self, model):
         """The workers running (started again if one died between calls: nothing is lost) and holding
         `model`'s patched weights: before a sampling run's caption, and before each call."""
+        version, patched = (None, {}) if self.weights is None else self.weights()  # a refusal stops nothing
         if self.comm is not None:
             try:
                 self.check()
@@ -707,7 +710,8 @@ class Workers:
         with self._failing():
             if self.comm is None:
                 self.start()
-            self._send_weights(model)
+            if version != self.sent_weights:
+                self._send_weights(model, version, patched)
 
     def call(self, model, x, timestep, caption: SentCaption, guidance, perturbed, layers) -> torch.Tensor:
         """model(x, timestep, caption, ...) shared out over this process and the workers."""
@@ -755,13 +759,8 @@ class Workers:
                 return None
             time.sleep(0.05)
 
-    def _send_weights(self, model):
-        """The patched weights (self.weights) to the workers, when they changed since the last call."""
-        if self.weights is None:
-            return
-        version, patched = self.weights()
-        if version == self.sent_weights:
-            return
+    def _send_weights(self, model, version, patched):
+        """The patched weights ({name: make}) to the workers, which restore the others."""
         names = sorted(patched)
         params = dict(model.named_parameters())
         self._send({"op": "weights", "weights": [(n, params[n].shape, params[n].dtype) for n in names]})
