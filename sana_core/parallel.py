@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = float(os.environ.get("SANA_PARALLEL_TIMEOUT", 300))  # seconds a collective may wait
 START_TIMEOUT = 600  # seconds the processes may take to start and meet
 BAND_MIN_HEIGHT = 64  # latent rows (2048 px) from which row bands pay for their communication
+GRAPHS_ENV = "SANA_PARALLEL_CUDA_GRAPHS"  # "1": Session steps replayed as CUDA graphs (experimental, NCCL only)
 MIN_BAND_ROWS = 16  # latent rows per band at least
 
 
@@ -430,6 +431,12 @@ class Session:
         with self.comm.talking("sending the call to the workers"):
             dist.broadcast_object_list(box, src=0, group=self.calls)
         return box[0]
+
+    def graphs(self) -> bool:
+        """Whether the sampling steps may be CUDA graphs: NCCL collectives are captured (gloo's are not), and
+        only with SANA_PARALLEL_CUDA_GRAPHS=1 until measured. Every process decides the same way; a step any
+        one replays eagerly still runs each collective once, as a replayed graph does."""
+        return self.comm.device.type == "cuda" and os.environ.get(GRAPHS_ENV, "0") == "1"
 
     def begin(self, call: dict, callback):
         """At the start of SanaPipeline.__call__ (`call`: its arguments): the leader sends the call to the
