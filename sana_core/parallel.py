@@ -564,15 +564,10 @@ class LeaderTransformer:
     (the same calls: encode_caption, then model(x, timestep, caption, ...) per step). Never a CUDA graph."""
 
     def __init__(self, model, workers):
-        self.model, self.workers, self.config = model, workers, model.config
+        self.model, self.workers = model, workers
 
-    @property
-    def dtype(self):
-        return self.model.dtype
-
-    @property
-    def device(self):
-        return self.model.device
+    def __getattr__(self, name):  # config, dtype, device, clear_device_caches: the model's
+        return getattr(self.model, name)
 
     def encode_caption(self, context, context_mask=None, *, device=None):
         self.workers.ready(self.model)  # refuses patches it cannot carry before any work
@@ -585,9 +580,6 @@ class LeaderTransformer:
             raise NotImplementedError("ControlNets are not carried to the worker processes (several devices) yet: "
                                       "sample on one device")
         return self.workers.call(self.model, x, timestep, context, guidance, perturbed, perturbed_layers)
-
-    def clear_device_caches(self):
-        self.model.clear_device_caches()
 
 
 class Workers:

@@ -10,17 +10,7 @@ from safetensors.torch import load_file
 import nodes as core
 from sana_core.demo import write_demo_lora
 from sana_nodes.lora import lora_patches
-
-SEED = 7
-
-
-def rel_err(ours, ref):
-    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def call(cls, *args, **kwargs):
-    out = getattr(cls(), cls.FUNCTION)(*args, **kwargs)
-    return out["result"] if isinstance(out, dict) else out
+from test_family import SEED, call, rel_err
 
 
 @pytest.fixture(scope="module")
