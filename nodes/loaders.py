@@ -96,7 +96,7 @@ class SanaModelLoader:
     def load(self, model_name, dtype, gpus="1"):
         from .parallel_host import start_workers
         managed = _load("transformer", model_name, dtype)
-        start_workers(managed, gpus)
+        start_workers(managed, gpus, dtype)
         return (host.current().wrap(managed),)
 
 

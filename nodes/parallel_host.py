@@ -18,6 +18,7 @@ import weakref
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import sana_core.fp8
 from sana_core import parallel, runtime
 
 from . import host
@@ -111,12 +112,16 @@ def devices_for(gpus: str, load_device) -> list | None:
     return devices if len(devices) > 1 else None
 
 
-def start_workers(managed, gpus: str) -> None:
-    """Starts the worker processes `gpus` names for `managed` (the DiT's ManagedModel): each loads the same
-    file at the same precision. They stop when the model is freed or another model starts workers."""
+def start_workers(managed, gpus: str, dtype: str) -> None:
+    """Starts the worker processes `gpus` names for `managed` (the DiT's ManagedModel, loaded with the loader's
+    `dtype` choice): each loads the same file at the same precision. They stop when the model is freed or
+    another model starts workers."""
     devices = devices_for(gpus, managed.load_device)
     if devices is None:
         return
+    if dtype == sana_core.fp8.FP8_COMPUTE:
+        raise ValueError(f"SanaModelLoader: dtype {dtype} is not carried to the worker processes yet: choose auto or "
+                         f"bf16 with gpus '{gpus}', or set gpus to 1")
     workers = parallel.Workers(devices, {"path": managed.path, "dtype": managed.model.dtype})
     try:
         workers.start()

@@ -75,6 +75,8 @@ def test_bad_gpus_values_say_what_to_give(nodes):
                           ("cpu,banana", "device list")):
         with pytest.raises(ValueError, match=message):
             call(nodes["SanaModelLoader"], "sana_demo.safetensors", "fp32", gpus=gpus)
+    with pytest.raises(ValueError, match="fp8_e4m3fn_fast is not carried to the worker processes"):
+        call(nodes["SanaModelLoader"], "sana_demo.safetensors", "fp8_e4m3fn_fast", gpus="cpu,cpu")
 
 
 def test_the_workers_stop_when_the_model_is_freed(nodes):
