@@ -77,18 +77,17 @@ def _worker(index, argv, port):
     main(argv, worker=(index + 1, port))
 
 
-
 def devices_for(gpus: str, load_device) -> list | None:
     """SanaModelLoader's `gpus`: None for one device ("1" or empty); "N": the DiT's device and the next N - 1
     GPUs; a list ("0,1", "cuda:0,cuda:2", "cpu,cpu" for CPU worker processes) whose first entry is the
     DiT's device."""
     where = f"SanaModelLoader: gpus '{gpus}'"
     spec = gpus.strip().replace(" ", "")
-    if spec in ("", "1"):
-        return None
     load_device = torch.device(load_device)
-    if spec.isdigit():
-        count = int(spec)
+    if spec.isdigit() or not spec:
+        count = int(spec or 1)
+        if count <= 1:
+            return None
         if load_device.type != "cuda":
             raise ValueError(f"{where}: ComfyUI samples on {load_device}, not a GPU; set gpus to 1 (a list such as "
                              f"cpu,cpu starts CPU worker processes, for tests)")
