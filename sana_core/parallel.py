@@ -24,8 +24,11 @@ their receptive field of context rows, as autoencoder.decode_tiled does (exact),
 
 Entry points: SanaPipeline(..., devices=[0, 1]) calls `start`: it spawns one worker process per extra
 device (or, under torchrun, joins the processes torchrun started) and wraps the pipeline's transformer
-and autoencoder. Failures: every collective waits at most `timeout` seconds (SANA_PARALLEL_TIMEOUT,
-default 300); a process that dies or stops answering makes the others raise ParallelError, never hang.
+and autoencoder; every process runs the same sampling loop. `Workers` is for a sampling loop that runs in
+one process only (ComfyUI's samplers): it starts one worker process per extra device (serve(), loading the
+same DiT file) and sends each DiT call's inputs to them. Failures: every collective waits at most `timeout`
+seconds (SANA_PARALLEL_TIMEOUT, default 300); a process that dies or stops answering makes the others raise
+ParallelError, never hang.
 """
 import contextlib
 import datetime
