@@ -198,8 +198,8 @@ class SanaSampler:
         device = model.load_device  # a low-VRAM load leaves some weights on the CPU: sample where the rest are
         if model.workers is not None:  # several GPUs (SanaModelLoader's gpus): calls shared out, no CUDA graphs
             if model.loras:  # sana-run's merged LoRAs (inside ComfyUI they are ModelPatcher patches: carried)
-                raise ValueError("SanaSampler: sana-run does not carry LoRAs to the worker processes of SanaModelLoader's "
-                                 "gpus yet: set gpus to 1, or run the workflow in ComfyUI")
+                raise ValueError("SanaSampler: sana-run does not carry LoRAs to the worker processes of "
+                                 "SanaModelLoader's gpus yet: set gpus to 1, or run the workflow in ComfyUI")
             dit = model.workers.transformer(dit)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

@@ -68,7 +68,8 @@ def test_lora_weight_patches_reach_the_worker(nodes, loaded, tmp_path):
     single = sana_sampler(nodes, loaded, with_lora(loaded["single"], path))
     assert rel_err(single, plain) > 1e-3
     assert rel_err(sana_sampler(nodes, loaded, with_lora(loaded["shared"], path)), single) < 1e-5
-    assert rel_err(ksampler(loaded, with_lora(loaded["shared"], path)), ksampler(loaded, with_lora(loaded["single"], path))) < 1e-5
+    shared, single = (ksampler(loaded, with_lora(loaded[m], path)) for m in ("shared", "single"))
+    assert rel_err(shared, single) < 1e-5
     assert rel_err(sana_sampler(nodes, loaded, loaded["shared"]), plain) < 1e-5  # the worker's weights restored
 
 

@@ -47,7 +47,8 @@ def image(server, entry, prompt):
 
 def workers_of(server):
     """The pids of the SANA worker processes the server started."""
-    out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(server.process.pid)], capture_output=True, text=True)
+    out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(server.process.pid)], capture_output=True,
+                         text=True)
     return [int(line.split()[0]) for line in out.stdout.splitlines() if "sana_core.parallel import serve" in line]
 
 
