@@ -4,6 +4,7 @@ same machine in one run, side by side.
     python3 bench/multi_gpu.py --gpus 1,2 --sizes 4096,2048            # 1.6B, 20 steps, CFG 4.5 (2 H200s)
     python3 bench/multi_gpu.py --gpus 1,2,4,8 --sizes 4096,2048        # issue 23 (4 / 8 GPUs)
     python3 bench/multi_gpu.py --tiny --gpus 1,2,3 --sizes 512,256     # CPU dry run: tiny models, gloo
+    python3 bench/multi_gpu.py --gpus 1,2 --sizes 4096,2048 --graphs   # parallel steps as CUDA graphs (NCCL)
 
 Each GPU count runs in its own processes (spawned, NCCL; gloo on the CPU); every process builds the same
 random weights (full-size 1.6B DiT with the 2K / 4K position embedding, DC-AE f32c32, Gemma-2-2B; bf16) on
@@ -16,6 +17,7 @@ largest pixel difference in 8-bit steps).
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -85,8 +87,9 @@ def worker(rank, world, init_method, args, folder):
         if world > 1:
             comm = pipe.transformer.comm
             comm.seconds = 0.0
+            graphs, pipe.runtime.cuda_graphs = pipe.runtime.cuda_graphs, False  # timed eagerly: a graph runs no Python
             call()
-            comm_ms, comm.seconds = 1000 * comm.seconds / STEPS, None
+            comm_ms, comm.seconds, pipe.runtime.cuda_graphs = 1000 * comm.seconds / STEPS, None, graphs
         peak = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -118,7 +121,11 @@ def main():
     ap.add_argument("--reps", type=int, default=2, help="timed images per size and count (median)")
     ap.add_argument("--tiny", action="store_true", help="CPU processes, gloo, tiny demo models (a dry run)")
     ap.add_argument("--out", help="write the rows as JSON here")
+    ap.add_argument("--graphs", action="store_true", help="SANA_PARALLEL_CUDA_GRAPHS=1: the parallel sampling steps "
+                                                          "replayed as CUDA graphs (1 GPU always uses them)")
     args = ap.parse_args()
+    if args.graphs:
+        os.environ[parallel.GRAPHS_ENV] = "1"  # the spawned processes inherit it
     args.sizes = [int(s) for s in args.sizes.split(",")]
     counts = [int(n) for n in args.gpus.split(",")]
     if not args.tiny and max(counts) > torch.cuda.device_count():
@@ -135,7 +142,8 @@ def main():
             r["x_baseline"] = r["seconds"] / base["seconds"]
             r["rel_l2_to_baseline"] = ((a - b).norm() / b.norm()).item()
             r["max_diff_8bit"] = (255 * (a - b).abs().max()).item()
-    print(f"SANA {'tiny (CPU, gloo)' if args.tiny else '1.6B'}, {STEPS} steps, CFG {CFG}, end to end (prompt -> image)")
+    print(f"SANA {'tiny (CPU, gloo)' if args.tiny else '1.6B'}, {STEPS} steps, CFG {CFG}, end to end (prompt -> image)"
+          f"{', parallel steps as CUDA graphs' if args.graphs else ''}")
     print(f"{'px':>5} {'GPUs':>4}  {'split':<34} {'s':>7} {'x 1 GPU':>7} {'comm ms/step':>12} {'peak GiB/GPU':>12} "
           f"{'rel L2 to 1 GPU':>15} {'max diff /255':>13}")
     for r in sorted(rows, key=lambda r: (-r["px"], r["gpus"])):

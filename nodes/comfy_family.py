@@ -15,7 +15,9 @@ import weakref
 
 import torch
 import comfy.conds
+import comfy.float
 import comfy.latent_formats
+import comfy.lora
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
@@ -92,6 +94,7 @@ class SanaDiffusionModel(torch.nn.Module):
         super().__init__()
         self.transformer, self.runtime = transformer, runtime
         self._steps = {}  # (uuids, cond_or_uncond, shapes, options) -> GraphedStep holding the caption
+        self.workers = None  # sana_core.parallel.Workers sharing the DiT calls (SanaModelLoader's gpus)
 
     @property
     def dtype(self):
@@ -104,6 +107,10 @@ class SanaDiffusionModel(torch.nn.Module):
         velocity (B, 32, h, w)."""
         config, batch = self.transformer.config, x.shape[0]
         controls = controlnet.active_controls(control)
+        transformer = self.transformer if self.workers is None else self.workers.transformer(self.transformer)
+        if controls and self.workers is not None:
+            raise ValueError("SanaModelLoader: a ControlNet is applied, which the worker processes on the other GPUs "
+                             "cannot carry yet: set the loader's gpus to 1 to sample with ControlNets")
         scale = float(transformer_options.get(GUIDANCE_OPTION, SPRINT_GUIDANCE)) if config.sprint else None
         layers = tuple(transformer_options.get(PERTURB_OPTION, ()))
         uuids = transformer_options.get("uuids")
@@ -113,18 +120,21 @@ class SanaDiffusionModel(torch.nn.Module):
         if step is None:
             guidance = None if scale is None else torch.full((batch,), scale, device=x.device)
             perturbed = torch.ones(batch, dtype=torch.bool, device=x.device) if layers else None
-            caption = self.transformer.encode_caption(context, attention_mask, device=x.device)
+            caption = transformer.encode_caption(context, attention_mask, device=x.device)
             prepared = prepare_controls(controls, self.transformer, caption, context)
 
-            def dit(x, t, caption, guidance, perturbed, control):
-                return self.transformer(x, t, caption, None, guidance, perturbed=perturbed, perturbed_layers=layers,
-                                        control=control)
+            def dit(x, t, caption=caption, guidance=guidance, perturbed=perturbed, control=prepared):
+                return transformer(x, t, caption, None, guidance, perturbed=perturbed, perturbed_layers=layers,
+                                   control=control)
             if not uuids:  # no sampling run to cache for
-                return dit(x, timesteps.to(x.device), caption, guidance, perturbed, prepared)
-            nets = tuple(fingerprint(net) for net, _, _ in controls)  # a graph reads their weights too
-            step = self.runtime.graphed(dit, (caption, guidance, perturbed, prepared), module=self.transformer,
-                                        key=("comfy-dit", layers, scale is not None, nets),
-                                        tokens=batch * x.shape[-2] * x.shape[-1])
+                return dit(x, timesteps.to(x.device))
+            if self.workers is not None:  # the collectives are not captured
+                step = dit
+            else:
+                nets = tuple(fingerprint(net) for net, _, _ in controls)  # a graph reads their weights too
+                step = self.runtime.graphed(dit, (caption, guidance, perturbed, prepared), module=self.transformer,
+                                            key=("comfy-dit", layers, scale is not None, nets),
+                                            tokens=batch * x.shape[-2] * x.shape[-1])
             if not any(set(uuids) & set(cached[0]) for cached in self._steps):
                 self._steps = {}  # a new run
             self._steps[key] = step
@@ -186,6 +196,49 @@ def pool_noise_mask(executor, noise, latent_image, sampler, sigmas, denoise_mask
     if denoise_mask is not None:
         denoise_mask = latent_mask(denoise_mask, noise.shape[0], *noise.shape[-2:])
     return executor(noise, latent_image, sampler, sigmas, denoise_mask, *args, **kwargs)
+DIT_PREFIX = "diffusion_model.transformer."  # the DiT's weights in a SanaModel's state dict
+
+
+def share_with_workers(patcher, workers) -> None:
+    """Several GPUs (SanaModelLoader's gpus): the DiT calls of this MODEL and of its clones go to `workers`
+    (sana_core.parallel.Workers). They get the weight patches of the clone ComfyUI loaded last (a LoRA), as
+    patched weights computed as ModelPatcher computes its own; the clone being sampled (ComfyUI's loop) and
+    the loaded one are checked for patches the workers cannot apply."""
+    patcher.model.diffusion_model.workers = workers
+    CallbacksMP = comfy.patcher_extension.CallbacksMP
+    tracked = {"loaded": weakref.ref(patcher), "running": None}  # weak: the workers stop when the model goes
+
+    def track(role):
+        return lambda p, *_: tracked.__setitem__(role, weakref.ref(p))
+    patcher.add_callback(CallbacksMP.ON_LOAD, track("loaded"))
+    patcher.add_callback(CallbacksMP.ON_PRE_RUN, track("running"))
+    patcher.add_callback(CallbacksMP.ON_CLEANUP, lambda *_: tracked.__setitem__("running", None))
+    workers.weights = lambda: patched_weights(tracked["loaded"](), tracked["running"] and tracked["running"]())
+
+
+def patched_weights(patcher, running=None) -> tuple:
+    """(patches version, {name in the DiT: () -> patched weight}) of `patcher` (the loaded clone), or an error
+    naming the patches on it or on `running` (the clone being sampled) that worker processes cannot apply."""
+    for p in (patcher, running):
+        cannot = [f"object patches ({', '.join(sorted(set(p.object_patches) - {'model_sampling'}))})"] \
+            if p is not None and set(p.object_patches) - {"model_sampling"} else []
+        cannot += ["weight wrappers"] * any(p.weight_wrapper_patches.values()) + ["hook patches"] * bool(
+            p.hook_patches) if p is not None else []
+        if cannot:
+            raise ValueError(f"SanaModelLoader: the MODEL carries {' and '.join(cannot)}, which the worker processes "
+                             f"on the other GPUs cannot apply: set the loader's gpus to 1, or take out the node that "
+                             f"adds them")
+    if patcher is None:
+        return None, {}
+
+    def make(key):
+        weight, _, convert = comfy.model_patcher.get_key_weight(patcher.model, key)
+        original = patcher.backup[key].weight if key in patcher.backup else weight  # the file's weight
+        out = comfy.model_management.cast_to_device(original, patcher.load_device, torch.float32, copy=True)
+        out = comfy.lora.calculate_weight(patcher.patches[key], convert(out, inplace=True) if convert else out, key)
+        return comfy.float.stochastic_rounding(out, weight.dtype, seed=comfy.model_patcher.string_to_seed(key))
+    return patcher.patches_uuid, {key[len(DIT_PREFIX):]: (lambda key=key: make(key))
+                                  for key, patches in patcher.patches.items() if key.startswith(DIT_PREFIX) and patches}
 
 
 # ---------------------------------------------------------------------------------------------- CLIP

@@ -85,6 +85,7 @@ class ManagedModel:
         self.patcher = patcher
         self.offload_after_use = False  # the text encoder's "gpu, offload after encoding"
         self.loras = ()  # outside ComfyUI, the DiT's LoRAs [(sana_core.lora.Lora, strength)], merged by ready()
+        self.workers = None  # the DiT's sana_core.parallel.Workers (SanaModelLoader's gpus), sharing its calls
 
     @property
     def name(self) -> str:

@@ -64,11 +64,25 @@ class SanaModelLoader:
                            "faster (a 4096 px step in about 0.8x the time on an H200) but less accurate (about 4% "
                            "per layer: the image changes a little); elsewhere it keeps the weights in fp8 and "
                            "computes in bf16."}),
+        }, "optional": {
+            "gpus": ("STRING", {
+                "default": "1",
+                "tooltip": "GPUs that sample each image together: 1 (default, nothing extra), 2, 4... (ComfyUI's "
+                           "GPU and the next ones) or a list (0,1,3). Starts one worker process per extra GPU, "
+                           "each loading this file (its own GPU memory), kept until the model is freed; every "
+                           "sampler then shares its work (CFG branches, row bands at 2K/4K). LoRAs apply; "
+                           "ControlNets need gpus 1."}),
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model_name):
-        return _installed("transformer", model_name)
+    def VALIDATE_INPUTS(cls, model_name=None, gpus=None):
+        from .parallel_host import devices_for
+        try:
+            if gpus is not None:
+                devices_for(gpus, host.current().devices("transformer")[0])
+        except ValueError as e:
+            return str(e)
+        return True if model_name is None else _installed("transformer", model_name)
 
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
@@ -79,8 +93,11 @@ class SanaModelLoader:
     DESCRIPTION = ("Loads a SANA diffusion transformer (Sana 1.0/1.5, 0.6B to 4.8B, Sana-Sprint, 2K/4K) from the "
                    "original .pth/.safetensors, a ComfyUI single file or a diffusers folder.")
 
-    def load(self, model_name, dtype):
-        return (host.current().wrap(_load("transformer", model_name, dtype)),)
+    def load(self, model_name, dtype, gpus="1"):
+        from .parallel_host import start_workers
+        managed = _load("transformer", model_name, dtype)
+        start_workers(managed, gpus, dtype)
+        return (host.current().wrap(managed),)
 
 
 class SanaTextEncoderLoader:

@@ -202,6 +202,11 @@ class SanaSampler:
         element = next(model.model.parameters()).element_size()
         dit = model.ready(dit_memory_required(config, forwards * batch, lh * lw, element))
         device = model.load_device  # a low-VRAM load leaves some weights on the CPU: sample where the rest are
+        if model.workers is not None:  # several GPUs (SanaModelLoader's gpus): calls shared out, no CUDA graphs
+            if model.loras:  # sana-run's merged LoRAs (inside ComfyUI they are ModelPatcher patches: carried)
+                raise ValueError("SanaSampler: sana-run does not carry LoRAs to the worker processes of "
+                                 "SanaModelLoader's gpus yet: set gpus to 1, or run the workflow in ComfyUI")
+            dit = model.workers.transformer(dit)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         progress = h.progress(steps, "SanaSampler")
@@ -226,7 +231,8 @@ class SanaSampler:
                 result = sample_latents(dit, noise, cond, cond_mask, uncond, uncond_mask, sampler=sampler,
                                         steps=steps, cfg=cfg, pag_scale=pag_scale, pag_layers=pag_layers, shift=shift,
                                         denoise=denoise, latent=samples if denoise < 1.0 or mask is not None else None,
-                                        mask=mask, seed=seed, callback=callback, runtime=h.runtime,
+                                        mask=mask, seed=seed, callback=callback,
+                                        runtime=None if model.workers else h.runtime,
                                         device=device) / SCALING_FACTOR
         finally:
             noise = None

@@ -24,17 +24,27 @@ their receptive field of context rows, as autoencoder.decode_tiled does (exact),
 
 Entry points: SanaPipeline(..., devices=[0, 1]) calls `start`: it spawns one worker process per extra
 device (or, under torchrun, joins the processes torchrun started) and wraps the pipeline's transformer
-and autoencoder. Failures: every collective waits at most `timeout` seconds (SANA_PARALLEL_TIMEOUT,
-default 300); a process that dies or stops answering makes the others raise ParallelError, never hang.
+and autoencoder; every process runs the same sampling loop. `Workers` is for a sampling loop that runs in
+one process only (ComfyUI's samplers): it starts one worker process per extra device (serve(), loading the
+same DiT file) and sends each DiT call's inputs to them. Failures: every collective waits at most `timeout`
+seconds (SANA_PARALLEL_TIMEOUT, default 300); a process that dies or stops answering makes the others raise
+ParallelError, never hang.
 """
+import contextlib
 import datetime
 import functools
+import itertools
 import logging
 import os
+import pickle
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -50,6 +60,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = float(os.environ.get("SANA_PARALLEL_TIMEOUT", 300))  # seconds a collective may wait
 START_TIMEOUT = 600  # seconds the processes may take to start and meet
 BAND_MIN_HEIGHT = 64  # latent rows (2048 px) from which row bands pay for their communication
+GRAPHS_ENV = "SANA_PARALLEL_CUDA_GRAPHS"  # "1": Session steps replayed as CUDA graphs (experimental, NCCL only)
 MIN_BAND_ROWS = 16  # latent rows per band at least
 
 
@@ -109,6 +120,7 @@ class Comm:
         self.failed = None  # the first failure's message
         self.seconds = None  # a benchmark sets 0.0: then the wall time of the collectives adds up here (synchronised)
         self._groups = {}  # ranks -> process group
+        self.watch = None  # Workers' leader: raises ParallelError when a worker process died
 
     def check(self):
         if self.failed:
@@ -145,8 +157,18 @@ class Comm:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def wait(self, works):  # within the process group's timeout (gloo: an error; NCCL: its watchdog)
+    def wait(self, works, watch=False):
+        """Within the process group's timeout (gloo: an error; NCCL: its watchdog). watch: also poll
+        `self.watch` (Workers' check of its processes: raises ParallelError for one that died) and time out
+        here, for NCCL, whose wait returns before the work is done and whose hang only a host sync would meet."""
         for work in works if isinstance(works, list) else [works]:
+            if watch and self.watch is not None:
+                deadline = time.monotonic() + self.timeout.total_seconds()
+                while not work.is_completed():
+                    self.watch()
+                    if time.monotonic() > deadline:
+                        raise ParallelError(f"no answer within {self.timeout.total_seconds():.0f} s")
+                    time.sleep(0.0005)
             work.wait()
 
     def all_reduce(self, tensor, what, *, op=dist.ReduceOp.SUM, group=None):
@@ -154,11 +176,16 @@ class Comm:
             self.wait(dist.all_reduce(tensor, op=op, group=group, async_op=True))
         return tensor
 
-    def all_gather(self, tensor, what) -> list:
+    def all_gather(self, tensor, what, *, watch=False) -> list:
         parts = [torch.empty_like(tensor) for _ in range(self.world)]
         with self.talking(what):
-            self.wait(dist.all_gather(parts, tensor.contiguous(), async_op=True))
+            self.wait(dist.all_gather(parts, tensor.contiguous(), async_op=True), watch)
         return parts
+
+    def broadcast(self, tensor, what, *, group=None):  # rank 0's tensor on every process
+        with self.talking(what):
+            self.wait(dist.broadcast(tensor, src=0, group=group, async_op=True))
+        return tensor
 
 
 class Band:
@@ -256,37 +283,44 @@ class ParallelTransformer(nn.Module):
                 perturbed_layers=(), control=None):
         if control is not None:
             raise NotImplementedError("ControlNets are not carried to parallel sampling yet: sample on one device")
-        B, _, H, W = x.shape
-        comm = self.comm
-        plan = self.plan or choose_plan(comm.world, B, H)
-        if plan.groups * plan.bands > comm.world or plan.bands > H:
-            raise ValueError(f"{plan} does not fit {comm.world} processes and {H} latent rows")
-        self.last_plan = plan
-        shares, bands = split(B, plan.groups), split(H, plan.bands)
-        if plan.bands > 1:  # every process makes every band group (new_group is collective)
-            with comm.talking("creating the band process groups"):
-                for g in range(plan.groups):
-                    comm.group(tuple(range(g * plan.bands, (g + 1) * plan.bands)))
-        role = plan.role(comm.rank)
-        out = torch.zeros((-(-B // plan.groups), self.config.out_channels, -(-H // plan.bands), W),
-                          dtype=x.dtype, device=x.device)  # this rank's part, padded to the largest
-        if role is not None and shares[role[0]][1] > shares[role[0]][0]:
-            (b0, b1), g = shares[role[0]], role[0]
-            band = Band(comm, bands[role[1]], H, W, tuple(range(g * plan.bands, (g + 1) * plan.bands))) \
-                if plan.bands > 1 else None
-            take = functools.partial(_take, b0=b0, b1=b1, batch=B)
-            with banded(self.model, band):
-                y = self.model(x[b0:b1], take(timestep), take(context), take(context_mask), take(guidance),
-                               perturbed=take(perturbed), perturbed_layers=perturbed_layers)
-            r0, r1 = bands[role[1]]
-            out[:b1 - b0, :, :r1 - r0] = y
-        parts = comm.all_gather(out, "gathering the DiT outputs")
-        result = torch.empty((B, self.config.out_channels, H, W), dtype=x.dtype, device=x.device)
-        for rank, part in enumerate(parts[:plan.groups * plan.bands]):
-            g, b = plan.role(rank)
-            (b0, b1), (r0, r1) = shares[g], bands[b]
-            result[b0:b1, :, r0:r1] = part[:b1 - b0, :, :r1 - r0]
-        return result
+        self.last_plan = self.plan or choose_plan(self.comm.world, x.shape[0], x.shape[2])
+        return forward_shared(self.model, self.comm, self.last_plan, x, timestep, context, context_mask, guidance,
+                              perturbed, perturbed_layers)
+
+
+def forward_shared(model, comm: Comm, plan: Plan, x, timestep, context, context_mask=None, guidance=None,
+                   perturbed=None, perturbed_layers=(), *, watch=False):
+    """model(x, timestep, context, ...) (a SanaTransformer call: x (B, C, H, W), context a Caption) computed by
+    every process of `comm` on its part of `plan`, the whole output (B, C_out, H, W) on every process.
+    watch: the final all-gather checks the workers' health while it waits (Workers' leader)."""
+    B, _, H, W = x.shape
+    if plan.groups * plan.bands > comm.world or plan.bands > H:
+        raise ValueError(f"{plan} does not fit {comm.world} processes and {H} latent rows")
+    shares, bands = split(B, plan.groups), split(H, plan.bands)
+    if plan.bands > 1:  # every process makes every band group (new_group is collective)
+        with comm.talking("creating the band process groups"):
+            for g in range(plan.groups):
+                comm.group(tuple(range(g * plan.bands, (g + 1) * plan.bands)))
+    role = plan.role(comm.rank)
+    out = torch.zeros((-(-B // plan.groups), model.config.out_channels, -(-H // plan.bands), W),
+                      dtype=x.dtype, device=x.device)  # this rank's part, padded to the largest
+    if role is not None and shares[role[0]][1] > shares[role[0]][0]:
+        (b0, b1), g = shares[role[0]], role[0]
+        band = Band(comm, bands[role[1]], H, W, tuple(range(g * plan.bands, (g + 1) * plan.bands))) \
+            if plan.bands > 1 else None
+        take = functools.partial(_take, b0=b0, b1=b1, batch=B)
+        with banded(model, band):
+            y = model(x[b0:b1], take(timestep), take(context), take(context_mask), take(guidance),
+                      perturbed=take(perturbed), perturbed_layers=perturbed_layers)
+        r0, r1 = bands[role[1]]
+        out[:b1 - b0, :, :r1 - r0] = y
+    parts = comm.all_gather(out, "gathering the DiT outputs", watch=watch)
+    result = torch.empty((B, model.config.out_channels, H, W), dtype=x.dtype, device=x.device)
+    for rank, part in enumerate(parts[:plan.groups * plan.bands]):
+        g, b = plan.role(rank)
+        (b0, b1), (r0, r1) = shares[g], bands[b]
+        result[b0:b1, :, r0:r1] = part[:b1 - b0, :, :r1 - r0]
+    return result
 
 
 @torch.no_grad()
@@ -349,14 +383,16 @@ def device_of(spec) -> torch.device:
     return torch.device(spec)
 
 
-def _init_group(device, rank, world, timeout, port=None):
+def _init_group(device, rank, world, timeout, port=None, store=None):
     """Joins the process group: torchrun's (port None), or the one whose rank 0 listens on 127.0.0.1:port,
-    waiting up to START_TIMEOUT for the others to start (a worker imports torch and loads its models)."""
+    waiting up to START_TIMEOUT for the others to start (a worker imports torch and loads its models), or
+    the one of `store`."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    where = {"init_method": "env://"} if port is None else {"store": dist.TCPStore(
-        "127.0.0.1", port, world, is_master=rank == 0, timeout=datetime.timedelta(seconds=START_TIMEOUT))}
+    where = {"store": store} if store is not None else {"init_method": "env://"} if port is None else {
+        "store": dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0,
+                               timeout=datetime.timedelta(seconds=START_TIMEOUT))}
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout),
                             **where, **({"device_id": device} if device.type == "cuda" else {}))
 
@@ -398,6 +434,12 @@ class Session:
         with self.comm.talking("sending the call to the workers"):
             dist.broadcast_object_list(box, src=0, group=self.calls)
         return box[0]
+
+    def graphs(self) -> bool:
+        """Whether the sampling steps may be CUDA graphs: NCCL collectives are captured (gloo's are not), and
+        only with SANA_PARALLEL_CUDA_GRAPHS=1 until measured. Every process decides the same way; a step any
+        one replays eagerly still runs each collective once, as a replayed graph does."""
+        return self.comm.device.type == "cuda" and os.environ.get(GRAPHS_ENV, "0") == "1"
 
     def begin(self, call: dict, callback):
         """At the start of SanaPipeline.__call__ (`call`: its arguments): the leader sends the call to the
@@ -492,4 +534,285 @@ def _worker(index, port, devices, components, plan, timeout):
             break
         except Exception as e:  # the leader meets the same error with the same inputs, or a Cancel
             log.info("SANA worker %d: the call ended with %s: %s", rank, type(e).__name__, e)
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- workers of one sampling loop
+
+# A worker's program: sana_core (and sana_core.kernels, a folder of its own) imported from the folders this
+# process has them from, as the pack's __init__.py does inside ComfyUI, then serve().
+_WORKER_MAIN = """import importlib.util, sys
+for name, path in (("sana_core.kernels", sys.argv[2]), ("sana_core", sys.argv[1])):
+    spec = importlib.util.spec_from_file_location(name, path + "/__init__.py", submodule_search_locations=[path])
+    sys.modules[name] = module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+from sana_core.parallel import serve
+serve()
+"""
+KEPT_CAPTIONS = 4  # captions a worker keeps (a sampling call has one; ComfyUI's loop one per conditioning batch)
+_running = None  # the Workers whose process group this process is in
+_caption_keys = itertools.count()
+
+
+class SentCaption(NamedTuple):
+    """LeaderTransformer.encode_caption's result: this process's Caption, and what the workers make theirs from."""
+    caption: Caption
+    context: torch.Tensor  # (B, T, caption_dim)
+    mask: torch.Tensor | None  # (B, T)
+    key: int
+
+
+class LeaderTransformer:
+    """What a sampling loop calls instead of its SanaTransformer `model` while `workers` share the calls out
+    (the same calls: encode_caption, then model(x, timestep, caption, ...) per step). Never a CUDA graph."""
+
+    def __init__(self, model, workers):
+        self.model, self.workers = model, workers
+
+    def __getattr__(self, name):  # config, dtype, device, clear_device_caches: the model's
+        return getattr(self.model, name)
+
+    def encode_caption(self, context, context_mask=None, *, device=None):
+        self.workers.ready(self.model)  # refuses patches it cannot carry before any work
+        caption = self.model.encode_caption(context, context_mask, device=device)
+        return SentCaption(caption, context, context_mask, next(_caption_keys))
+
+    def __call__(self, x, timestep, context, context_mask=None, guidance=None, *, perturbed=None,
+                 perturbed_layers=(), control=None):
+        if control is not None:
+            raise NotImplementedError("ControlNets are not carried to the worker processes (several devices) yet: "
+                                      "sample on one device")
+        return self.workers.call(self.model, x, timestep, context, guidance, perturbed, perturbed_layers)
+
+
+class Workers:
+    """Worker processes for a sampling loop that runs in this process alone (ComfyUI's samplers): one process
+    per extra device (serve()), each loading the same DiT file (`load`: load_transformer's path, dtype and
+    hints) and kept between calls. The loop calls `transformer(model)` instead of its SanaTransformer: each DiT
+    call's inputs (the caption once) are broadcast to the workers and every process computes its part as
+    ParallelTransformer does (choose_plan per call); this process gets the whole output.
+
+    weights: None, or a callable giving (version, {name: make}) for the weights of this process's model that
+    are patched (a LoRA merged by ComfyUI's ModelPatcher: make() gives the patched tensor; it may raise to
+    refuse patches the workers cannot apply); when the version changes, the patched weights are sent before
+    the next call and the workers restore the others.
+    Failures: a worker that died, ran out of memory or did not answer within `timeout` ends the call with a
+    ParallelError naming the worker and its last error line; the workers are stopped and the next call starts
+    them again. One Workers runs at a time in a process (torch.distributed has one default process group):
+    starting one stops the other."""
+
+    def __init__(self, devices, load: dict, *, timeout: float = DEFAULT_TIMEOUT):
+        self.devices = [device_of(d) for d in devices]
+        self.load, self.timeout = load, timeout
+        self.weights = None
+        self.procs = []  # (process, log file) per worker, rank 1 first
+        self.comm = self.calls = None
+        self.sent_weights = None  # the weights version the workers hold
+        self.sent_captions = []  # the keys of the captions the workers hold
+
+    def __repr__(self):
+        return f"<SANA workers on {', '.join(map(str, self.devices[1:]))}: {'running' if self.comm else 'stopped'}>"
+
+    def transformer(self, model) -> LeaderTransformer:
+        return LeaderTransformer(model, self)
+
+    def start(self):
+        """Starts the workers and waits until each has loaded the DiT and joined (ParallelError if one fails)."""
+        global _running
+        if _running is not None and _running is not self:
+            log.warning("SANA: stopping %s: one model at a time shares its calls with worker processes", _running)
+            _running.stop()
+        if dist.is_initialized():
+            raise ParallelError("this process is already in a torch.distributed process group (torchrun, sana-run "
+                                "--devices or SanaPipeline(devices=...)): it cannot start other workers")
+        world, device = len(self.devices), self.devices[0]
+        store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=START_TIMEOUT))
+        folders = [os.path.dirname(sys.modules[m].__file__) for m in ("sana_core", "sana_core.kernels")]
+        try:
+            for rank in range(1, world):
+                logfile = tempfile.TemporaryFile(prefix=f"sana-worker-{rank}-")
+                proc = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN, *folders], stdin=subprocess.PIPE,
+                                        stdout=logfile, stderr=subprocess.STDOUT)
+                self.procs.append((proc, logfile))
+                proc.stdin.write(pickle.dumps({"rank": rank, "world": world, "port": store.port, "load": self.load,
+                                               "device": str(self.devices[rank]), "timeout": self.timeout}))
+                proc.stdin.close()
+            deadline = time.monotonic() + START_TIMEOUT
+            while not store.check([f"sana/ready/{rank}" for rank in range(1, world)]):
+                self.check()
+                if time.monotonic() > deadline:
+                    raise ParallelError(f"the workers did not load the DiT within {START_TIMEOUT} s")
+                time.sleep(0.05)
+            if device.type == "cuda":  # no watchdog that ends this process: check() and the timeouts end a call
+                os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+            _init_group(device, 0, world, self.timeout, store=store)
+            self.comm = Comm(device, self.timeout)
+            self.comm.watch = self.check
+            self.calls = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))  # idle workers wait
+        except BaseException:
+            self.stop()
+            raise
+        _running = self
+        log.info("SANA: %d worker process(es) on %s ready", world - 1, ", ".join(map(str, self.devices[1:])))
+
+    def check(self):
+        """ParallelError naming the first worker that is no longer running, with its last error line."""
+        for rank, (proc, logfile) in enumerate(self.procs, 1):
+            code = proc.poll()
+            if code is not None:
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                logfile.seek(0)
+                lines = [line for line in logfile.read().decode(errors="replace").splitlines() if line.strip()]
+                last = f": {lines[-1].strip()[:500]}" if lines and code > 0 else ""  # its error
+                raise ParallelError(f"the SANA worker process on {self.devices[rank]} (rank {rank}) {how}{last}")
+
+    def stop(self):
+        """Tells the workers to exit (kills those that do not) and leaves the process group."""
+        global _running
+        healthy = self.comm is not None and not self.comm.failed
+        if healthy:
+            try:
+                self.check()
+                self._send(None)
+            except ParallelError:
+                healthy = False
+        for proc, logfile in self.procs:
+            try:
+                proc.wait(timeout=10 if healthy else 0.1)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            logfile.close()
+        if self.comm is not None and dist.is_initialized():
+            with contextlib.suppress(Exception):
+                if not healthy and self.comm.device.type == "cuda":  # NCCL work may wait on a dead worker
+                    dist.distributed_c10d._abort_process_group()
+                else:
+                    dist.destroy_process_group()
+        self.procs, self.comm, self.calls, self.sent_weights, self.sent_captions = [], None, None, None, []
+        if _running is self:
+            _running = None
+
+    def _send(self, call):
+        """`call` (a dict, or None: exit) to every worker."""
+        with self.comm.talking("sending the call to the workers"):
+            dist.broadcast_object_list([call], src=0, group=self.calls)
+
+    def ready(self, model):
+        """The workers running (started again if one died between calls: nothing is lost) and holding
+        `model`'s patched weights: before a sampling run's caption, and before each call."""
+        version, patched = (None, {}) if self.weights is None else self.weights()  # a refusal stops nothing
+        if self.comm is not None:
+            try:
+                self.check()
+            except ParallelError as e:
+                log.warning("SANA: %s; starting the workers again", e)
+                self.stop()
+        with self._failing():
+            if self.comm is None:
+                self.start()
+            if version != self.sent_weights:
+                self._send_weights(model, version, patched)
+
+    def call(self, model, x, timestep, caption: SentCaption, guidance, perturbed, layers) -> torch.Tensor:
+        """model(x, timestep, caption, ...) shared out over this process and the workers."""
+        self.ready(model)
+        comm = self.comm
+        with self._failing():
+            plan = choose_plan(comm.world, x.shape[0], x.shape[2])
+            new = caption.key not in self.sent_captions
+            tensors = [x, timestep, guidance, perturbed] + ([caption.context, caption.mask] if new else [None, None])
+            tensors = [None if t is None else t.to(comm.device).contiguous() for t in tensors]
+            self._send({"op": "dit", "inputs": [None if t is None else (t.shape, t.dtype) for t in tensors],
+                        "caption": caption.key, "plan": plan, "layers": tuple(layers)})
+            for t in tensors:
+                if t is not None:
+                    comm.broadcast(t, "sending the DiT inputs")
+            self.sent_captions = ([caption.key] + self.sent_captions)[:KEPT_CAPTIONS] if new else self.sent_captions
+            return forward_shared(model, comm, plan, tensors[0], tensors[1], caption.caption, None, tensors[2],
+                                  tensors[3], layers, watch=True)
+
+    @contextmanager
+    def _failing(self):
+        """A failure inside stops the workers (they may be inside a collective); the next call starts them.
+        A ParallelError says which worker failed and how, when one did."""
+        try:
+            yield
+        except ParallelError as e:
+            cause = self._dead_worker(wait=2.0)
+            self.stop()
+            raise ParallelError(f"{cause or e}. This sampling is lost; the workers start again for the next "
+                                f"one") from e
+        except BaseException:
+            self.stop()
+            raise
+
+    def _dead_worker(self, wait: float) -> str | None:
+        """check()'s message once a worker has exited (within `wait` seconds: a worker that failed needs a
+        moment to write its error and exit), else None."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self.check()
+            except ParallelError as e:
+                return str(e)
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
+
+    def _send_weights(self, model, version, patched):
+        """The patched weights ({name: make}) to the workers, which restore the others."""
+        names = sorted(patched)
+        params = dict(model.named_parameters())
+        self._send({"op": "weights", "weights": [(n, params[n].shape, params[n].dtype) for n in names]})
+        for name in names:
+            tensor = patched[name]().to(self.comm.device, params[name].dtype).contiguous()
+            self.comm.broadcast(tensor, f"sending the patched weight {name}")
+        self.sent_weights, self.sent_captions = version, []
+
+
+def serve():
+    """A Workers process: reads its arguments (pickled) from stdin, loads the DiT on its device, joins the
+    leader's process group and computes its part of each call until the leader sends None. Any error ends
+    the process (its last line on stderr says why); the leader finds out and starts the workers again."""
+    args = pickle.load(sys.stdin.buffer)
+    rank, world, device, timeout = args["rank"], args["world"], torch.device(args["device"]), args["timeout"]
+    logging.basicConfig(level=logging.INFO, format=f"SANA worker {rank} ({device}): %(message)s")
+    if device.type == "cpu":  # CPU processes (tests) share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    store = dist.TCPStore("127.0.0.1", args["port"], world, is_master=False,
+                          timeout=datetime.timedelta(seconds=START_TIMEOUT))
+    from .transformer import load_transformer
+    model = load_transformer(**args["load"], device=device).eval()
+    store.set(f"sana/ready/{rank}", "1")
+    _init_group(device, rank, world, timeout, store=store)
+    comm = Comm(device, timeout)
+    calls = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
+    params, originals, captions = dict(model.named_parameters()), {}, {}
+    with torch.no_grad():
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=0, group=calls)
+            call = box[0]
+            if call is None:
+                break
+            if call["op"] == "weights":  # the leader's patched weights; the others back to the file's
+                patched = {name for name, *_ in call["weights"]}
+                for name in set(originals) - patched:
+                    params[name].copy_(originals.pop(name))
+                for name, shape, dtype in call["weights"]:
+                    tensor = comm.broadcast(torch.empty(shape, dtype=dtype, device=device), "receiving weights")
+                    originals.setdefault(name, params[name].to("cpu", copy=True))
+                    params[name].copy_(tensor)
+                captions = {}  # made with the old weights; the leader sends the next call's caption again
+                continue
+            x, timestep, guidance, perturbed, context, mask = [
+                None if meta is None else comm.broadcast(torch.empty(meta[0], dtype=meta[1], device=device),
+                                                         "receiving the DiT inputs") for meta in call["inputs"]]
+            if context is not None:
+                captions[call["caption"]] = model.encode_caption(context, mask, device=device)
+                captions = dict(list(captions.items())[-KEPT_CAPTIONS:])
+            forward_shared(model, comm, call["plan"], x, timestep, captions[call["caption"]], None, guidance,
+                           perturbed, call["layers"])
     dist.destroy_process_group()

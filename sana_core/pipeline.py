@@ -22,8 +22,8 @@ class SanaPipeline:
 
     runtime: the Runtime that owns CUDA graphs and memory decisions (default: a new one, graphs on unless
     SANA_CUDA_GRAPHS=0). devices=[0, 1]: one image on several GPUs (sana_core.parallel: worker
-    processes, or torchrun's; no CUDA graphs then); plan (a parallel.Plan) and timeout (seconds per
-    collective) tune it.
+    processes, or torchrun's; no CUDA graphs then, unless SANA_PARALLEL_CUDA_GRAPHS=1 on GPUs); plan (a
+    parallel.Plan) and timeout (seconds per collective) tune it.
     max_vram: low VRAM, the GPU memory this pipeline may use: a number of GiB (7, 7.5), of bytes (above 1024)
     or a string ('7GiB', '6000MiB'). The models may then be loaded on the CPU (load_*(..., device="cpu")); each
     phase puts its model on the GPU (Runtime.place): Gemma for encoding, offloaded after it; the DiT whole when it
@@ -159,7 +159,7 @@ class SanaPipeline:
                                 steps=steps, cfg=cfg, pag_scale=pag_scale, pag_layers=pag_layers, shift=shift,
                                 denoise=denoise, latent=clean, mask=mask, seed=seed, callback=callback,
                                 integer_timesteps=integer_timesteps, controls=controls,
-                                runtime=self.runtime if self.parallel is None else None)
+                                runtime=self.runtime if self.parallel is None or self.parallel.graphs() else None)
         if output == "latent":
             return latent
         self._place(self.autoencoder)

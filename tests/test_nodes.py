@@ -25,7 +25,7 @@ DEMO = {"transformer": "sana_demo.safetensors", "sprint": "sana_sprint_demo.safe
         "text_encoder": "gemma2_demo.safetensors", "autoencoder": "sana_demo_dcae.safetensors"}
 # The inputs issue 7 asks for (the frontend and the shipped workflows rely on these names).
 EXPECTED_INPUTS = {
-    "SanaModelLoader": ["model_name", "dtype"],
+    "SanaModelLoader": ["model_name", "dtype", "gpus"],
     "SanaTextEncoderLoader": ["text_encoder_name", "dtype", "device"],
     "SanaVAELoader": ["vae_name"],
     "SanaTextEncode": ["text_encoder", "text", "instruction"],
