@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).parent))  # comfy_test_helpers
 COMFYUI_DIR = Path(os.environ["COMFYUI_DIR"])
 
 

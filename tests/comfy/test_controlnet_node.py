@@ -24,19 +24,11 @@ from sana_core.guidance import sample_latents
 from sana_core.transformer import config_metadata, random_state_dict
 from sana_nodes.controlnet import KEY, control_class
 from sana_nodes.sampling import comfy_noise
+from comfy_test_helpers import call, rel_err
 
 DEMO = "sana_demo_controlnet.safetensors"
 H, W = 96, 64  # image; latent 3 x 2
 SEED = 7
-
-
-def rel_err(ours, ref):
-    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def call(cls, *args, **kwargs):  # as test_family.py's (tests/comfy modules import no other test module)
-    out = getattr(cls(), cls.FUNCTION)(*args, **kwargs)
-    return out["result"] if isinstance(out, dict) else out
 
 
 @pytest.fixture(scope="module")

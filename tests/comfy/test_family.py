@@ -13,17 +13,9 @@ from comfy_extras.nodes_custom_sampler import BasicGuider, CFGGuider, RandomNois
 from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 from sana_core.autoencoder import SCALING_FACTOR
 from sana_core.presets import defaults_for
+from comfy_test_helpers import call, rel_err
 
 SEED = 7
-
-
-def rel_err(ours, ref):
-    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def call(cls, *args, **kwargs):
-    out = getattr(cls(), cls.FUNCTION)(*args, **kwargs)
-    return out["result"] if isinstance(out, dict) else out
 
 
 @pytest.fixture(scope="module")

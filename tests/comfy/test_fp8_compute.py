@@ -11,6 +11,7 @@ import torch
 
 from sana_core import fp8
 from sana_core.transformer import SanaConfig, SanaTransformer, random_state_dict
+from comfy_test_helpers import rel_err
 
 CFG = SanaConfig(depth=2, width=64, caption_dim=48, self_heads=2, cross_heads=2, mlp_hidden=160, qk_norm=True)
 CPU = torch.device("cpu")
@@ -36,10 +37,6 @@ def run(dit):
     with torch.no_grad():
         return dit(torch.randn(2, 32, 3, 4, generator=g), torch.tensor([700.0, 300.0]),
                    torch.randn(2, 7, CFG.caption_dim, generator=g), torch.tensor([[1] * 7, [1] * 4 + [0] * 3]))
-
-
-def rel_err(ours, ref) -> float:
-    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 @pytest.mark.parametrize("low_vram", [False, True])

@@ -10,18 +10,10 @@ import nodes as core
 from comfy_extras.nodes_custom_sampler import CFGGuider, RandomNoise, SamplerCustomAdvanced
 from comfy_extras.nodes_differential_diffusion import DifferentialDiffusion
 from sana_core.inpaint import latent_mask
+from comfy_test_helpers import call, rel_err
 
 SEED = 7
 H, W = 96, 64  # pixels; the latent is 3 x 2
-
-
-def rel_err(ours, ref):
-    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def call(cls, *args, **kwargs):
-    out = getattr(cls(), cls.FUNCTION)(*args, **kwargs)
-    return out["result"] if isinstance(out, dict) else out
 
 
 @pytest.fixture(scope="module")

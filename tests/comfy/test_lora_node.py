@@ -19,13 +19,9 @@ from sana_core.lora import apply_lora
 from sana_core.transformer import SanaTransformer
 from conftest import rel_err  # tests/conftest.py (pytest's pythonpath)
 from sana_nodes import host
+from comfy_test_helpers import call
 
 DEMO_LORA = "sana_demo_lora.safetensors"
-
-
-def call(cls, *args, **kwargs):
-    out = getattr(cls(), cls.FUNCTION)(*args, **kwargs)
-    return out["result"] if isinstance(out, dict) else out
 
 
 @pytest.fixture(scope="module")

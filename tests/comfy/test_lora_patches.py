@@ -19,6 +19,7 @@ from sana_core.demo import write_demo_lora  # noqa: E402
 from sana_core.lora import apply_lora  # noqa: E402
 from sana_core.transformer import SanaConfig, SanaTransformer, random_state_dict  # noqa: E402
 from sana_nodes.lora import lora_patches  # noqa: E402
+from comfy_test_helpers import rel_err  # noqa: E402
 
 CFG = SanaConfig(depth=2, width=64, caption_dim=48, self_heads=2, cross_heads=2, mlp_hidden=160)
 CPU = torch.device("cpu")
@@ -35,10 +36,6 @@ def run(model):
     x, context = torch.randn(2, 32, 3, 5, generator=g), torch.randn(2, 6, 48, generator=g)
     with torch.no_grad():
         return model(x, torch.tensor([730.0, 50.0]), context, torch.ones(2, 6))
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")

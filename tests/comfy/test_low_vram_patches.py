@@ -18,6 +18,7 @@ from sana_core.quantized import quantization_summary
 from sana_core.quantized_files import quantize_checkpoint
 from sana_core.transformer import SanaConfig, SanaTransformer, config_metadata, load_transformer, random_state_dict
 from sana_nodes import comfy_family, host
+from comfy_test_helpers import rel_err
 
 CFG = SanaConfig(depth=2, width=64, caption_dim=48, self_heads=2, cross_heads=2, mlp_hidden=160, qk_norm=True)
 CPU = torch.device("cpu")
@@ -31,10 +32,6 @@ def inputs():
     g = torch.Generator().manual_seed(0)
     return (torch.randn(2, 32, 3, 4, generator=g), torch.tensor([700.0, 300.0]),
             torch.randn(2, 7, CFG.caption_dim, generator=g), torch.tensor([[1] * 7, [1] * 4 + [0] * 3]))
-
-
-def rel_err(ours, ref) -> float:
-    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def plain(state):

@@ -10,17 +10,9 @@ from safetensors.torch import load_file
 import nodes as core
 from sana_core.demo import write_demo_lora
 from sana_nodes.lora import lora_patches
+from comfy_test_helpers import call, rel_err
 
 SEED = 7
-
-
-def rel_err(ours, ref):
-    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def call(cls, *args, **kwargs):  # as test_family.py's (tests/comfy modules import no other test module)
-    out = getattr(cls(), cls.FUNCTION)(*args, **kwargs)
-    return out["result"] if isinstance(out, dict) else out
 
 
 @pytest.fixture(scope="module")

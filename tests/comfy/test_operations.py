@@ -31,6 +31,7 @@ if "sana_core.kernels" not in sys.modules:  # load the pack the way ComfyUI does
 from sana_core.operations import reads_weights_directly  # noqa: E402
 from sana_core.runtime import fingerprint  # noqa: E402
 from sana_core.transformer import SanaConfig, SanaTransformer, random_state_dict  # noqa: E402
+from comfy_test_helpers import rel_err  # noqa: E402
 
 CFG = SanaConfig(depth=2, width=64, caption_dim=48, self_heads=2, cross_heads=2, mlp_hidden=160, qk_norm=True)
 CPU = torch.device("cpu")
@@ -56,10 +57,6 @@ def inputs():
     g = torch.Generator().manual_seed(0)
     return (torch.randn(2, 32, 3, 4, generator=g), torch.tensor([700.0, 300.0]),
             torch.randn(2, 7, CFG.caption_dim, generator=g), torch.tensor([[1] * 7, [1] * 4 + [0] * 3]))
-
-
-def rel_err(ours, ref) -> float:
-    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 @pytest.mark.parametrize("operations", [comfy.ops.disable_weight_init, comfy.ops.manual_cast])
