@@ -17,9 +17,8 @@ from sana_core.checkpoints import CheckpointError
 from sana_core.demo import write_demo_lora
 from sana_core.lora import apply_lora
 from sana_core.transformer import SanaTransformer
-from conftest import rel_err  # tests/conftest.py (pytest's pythonpath)
 from sana_nodes import host
-from comfy_test_helpers import call
+from comfy_test_helpers import call, rel_err
 
 DEMO_LORA = "sana_demo_lora.safetensors"
 
