@@ -2,7 +2,7 @@
 classes, so that core nodes (CLIPTextEncode, KSampler, SamplerCustomAdvanced, ModelSamplingSD3, VAE Decode
 (Tiled), VAE Encode, the conditioning nodes) and other packs work on SANA.
 
-Imported only inside ComfyUI (by host.ComfyHost), hence the module-level ComfyUI imports.
+Imported only inside ComfyUI (by host.ComfyHost); elsewhere its import says so.
 
     MODEL  comfy.model_patcher.ModelPatcher around SanaModel, a model_base.BaseModel of type FLOW
            (x0 = x - sigma v; the DiT sees sigma x 1000; shift from sampling_settings, so core
@@ -14,17 +14,23 @@ Imported only inside ComfyUI (by host.ComfyHost), hence the module-level ComfyUI
 import weakref
 
 import torch
-import comfy.conds
-import comfy.float
-import comfy.latent_formats
-import comfy.lora
-import comfy.model_base
-import comfy.model_management
-import comfy.model_patcher
-import comfy.patcher_extension
-import comfy.samplers
-import comfy.sd
-import comfy.supported_models_base
+
+try:  # ComfyUI's own modules: this file runs inside ComfyUI only
+    import comfy.conds
+    import comfy.float
+    import comfy.latent_formats
+    import comfy.lora
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.patcher_extension
+    import comfy.samplers
+    import comfy.sd
+    import comfy.supported_models_base
+except ImportError as error:
+    raise ImportError("sana_nodes.comfy_family builds SANA's MODEL / CLIP / VAE from ComfyUI's classes and runs only "
+                      "inside ComfyUI; without ComfyUI use sana_core (SanaPipeline) or sana-run") from error
+
 from sana_core import samplers
 from sana_core.autoencoder import SCALING_FACTOR
 from sana_core.controlnet import prepare_controls
