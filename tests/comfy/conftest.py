@@ -49,3 +49,15 @@ def nodes(models):
     from sana_nodes import host
     assert type(host.current()).__name__ == "ComfyHost"
     return PACK.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(scope="module")
+def demo(nodes):
+    """The demo DiT (MODEL), Gemma (CLIP), DC-AE (VAE) and a positive / empty negative conditioning, float32."""
+    from comfy_test_helpers import call
+    model, = call(nodes["SanaModelLoader"], "sana_demo.safetensors", "fp32")
+    clip, = call(nodes["SanaTextEncoderLoader"], "gemma2_demo.safetensors", "fp32", "gpu")
+    vae, = call(nodes["SanaVAELoader"], "sana_demo_dcae.safetensors")
+    positive, = call(nodes["SanaTextEncode"], clip, "a red fox in the snow", True)
+    negative, = call(nodes["SanaTextEncode"], clip, "", False)
+    return dict(model=model, clip=clip, vae=vae, positive=positive, negative=negative)

@@ -32,18 +32,12 @@ SEED = 7
 
 
 @pytest.fixture(scope="module")
-def loaded(nodes):
-    model, = call(nodes["SanaModelLoader"], "sana_demo.safetensors", "fp32")
-    clip, = call(nodes["SanaTextEncoderLoader"], "gemma2_demo.safetensors", "fp32", "gpu")
-    vae, = call(nodes["SanaVAELoader"], "sana_demo_dcae.safetensors")
-    positive, = call(nodes["SanaTextEncode"], clip, "a red fox in the snow", True)
-    negative, = call(nodes["SanaTextEncode"], clip, "", False)
+def loaded(nodes, demo):
     official, = call(nodes["SanaControlNetLoader"], DEMO, "auto")
     port, = call(nodes["SanaControlNetLoader"], DEMO, "diffusers")  # the same file run by diffusers' graph
     g = torch.Generator().manual_seed(4)
     images = torch.rand(2, 1, H, W, 3, generator=g)
-    return dict(model=model, vae=vae, positive=positive, negative=negative, official=official, port=port,
-                image=images[0], edges=images[1])
+    return dict(demo, official=official, port=port, image=images[0], edges=images[1])
 
 
 def apply(loaded, control_net, image, strength=1.0, start=0.0, end=1.0, conds=None, vae="vae"):

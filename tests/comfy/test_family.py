@@ -19,14 +19,9 @@ SEED = 7
 
 
 @pytest.fixture(scope="module")
-def loaded(nodes):
-    model, = call(nodes["SanaModelLoader"], "sana_demo.safetensors", "fp32")
+def loaded(nodes, demo):
     sprint, = call(nodes["SanaModelLoader"], "sana_sprint_demo.safetensors", "fp32")
-    clip, = call(nodes["SanaTextEncoderLoader"], "gemma2_demo.safetensors", "fp32", "gpu")
-    vae, = call(nodes["SanaVAELoader"], "sana_demo_dcae.safetensors")
-    positive, = call(nodes["SanaTextEncode"], clip, "a red fox in the snow", True)
-    negative, = call(nodes["SanaTextEncode"], clip, "", False)
-    return dict(model=model, sprint=sprint, clip=clip, vae=vae, positive=positive, negative=negative)
+    return dict(demo, sprint=sprint)
 
 
 def empty(nodes, width=64, height=96, batch=1):
