@@ -5,6 +5,8 @@ placed before make room; what cannot fit gets a message that says what to change
 On the CPU the "device" is the CPU too (the same copies, made synchronously): the bookkeeping, the hooks and
 the results are what the GPU path runs; the side-stream prefetch is measured by bench/low_vram.py.
 """
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -171,38 +173,44 @@ def test_a_layer_of_a_streamed_block_called_on_its_own_gets_its_weights():
     assert lent == [(1, True), (2, True), (3, True)]  # the streamed blocks' k/v layers, lent their weights
 
 
+def sana_run_image(tmp_path, name, max_vram):
+    """sana-run's host (CPU, the demo models in tmp_path/models) running the shipped workflow `name` at 64 px in
+    2 steps with max_vram: the saved image and the runtime's placements by model class."""
+    import numpy as np
+    from PIL import Image
+
+    from sana_nodes import host, runner
+    local = host.LocalHost(tmp_path / "models", device="cpu", output_dir=tmp_path / f"{name}-{max_vram}",
+                           max_vram=max_vram)
+    previous, host._host = host._host, local
+    try:
+        prompt, _ = runner.load_workflow(str(Path(__file__).resolve().parents[1] / "workflows" / "api" / name))
+        runner.use_demo_models(prompt)
+        runner.apply_sets(prompt, ["SANA Sampler.steps=2", "SanaEmptyLatent.preset=custom",
+                                   "SanaEmptyLatent.width=64", "SanaEmptyLatent.height=64"])
+        ui = runner.execute(prompt, log=lambda msg: None)
+    finally:
+        host._host = previous
+    out = next(i for o in ui.values() for i in o.get("images", []))
+    with Image.open(tmp_path / f"{name}-{max_vram}" / out["subfolder"] / out["filename"]) as png:
+        placed = {type(p.module).__name__: p for p in local.runtime.placements.values()}
+        return np.asarray(png), placed
+
+
 def test_sana_run_low_vram_places_each_model_and_makes_the_same_image(tmp_path):
     """sana-run's host with max_vram (here on the CPU; the demo models have two blocks, too few to stream): the
     demo workflow gives the image it gives without; Gemma is offloaded once the DiT needs the memory, the DiT
     when the DC-AE does not fit beside it; a cap too small for the DiT is the sampler node's clear error."""
-    from pathlib import Path
-
     import numpy as np
-    from PIL import Image
 
     from sana_core.autoencoder import DCAE
     from sana_core.demo import write_demo_models
-    from sana_nodes import host, runner
+    from sana_nodes import runner
     from sana_nodes.sampling import dit_memory_required
     write_demo_models(tmp_path / "models")
-    workflow = Path(__file__).resolve().parents[1] / "workflows" / "api" / "sana_1024_text_to_image.json"
 
     def image(max_vram):
-        local = host.LocalHost(tmp_path / "models", device="cpu", output_dir=tmp_path / str(max_vram),
-                               max_vram=max_vram)
-        previous, host._host = host._host, local
-        try:
-            prompt, _ = runner.load_workflow(str(workflow))
-            runner.use_demo_models(prompt)
-            runner.apply_sets(prompt, ["SANA Sampler.steps=2", "SanaEmptyLatent.preset=custom",
-                                       "SanaEmptyLatent.width=64", "SanaEmptyLatent.height=64"])
-            ui = runner.execute(prompt, log=lambda msg: None)
-        finally:
-            host._host = previous
-        out = next(i for o in ui.values() for i in o.get("images", []))
-        with Image.open(tmp_path / str(max_vram) / out["subfolder"] / out["filename"]) as png:
-            placed = {type(p.module).__name__: p for p in local.runtime.placements.values()}
-            return np.asarray(png), placed
+        return sana_run_image(tmp_path, "sana_1024_text_to_image.json", max_vram)
 
     plain, _ = image(None)
     same, roomy = image(GiB)
@@ -215,3 +223,17 @@ def test_sana_run_low_vram_places_each_model_and_makes_the_same_image(tmp_path):
     assert np.array_equal(tight, plain)
     with pytest.raises(runner.WorkflowError, match="SanaSampler.*max_vram .* too small for the SanaTransformer"):
         image(dit.bytes - sum(dit.block_bytes) + 2 * max(dit.block_bytes) + reserve - 1)
+
+
+def test_sana_run_low_vram_merges_the_models_loras(tmp_path):
+    """A LoRA loader's MODEL under max_vram: its LoRA is merged into the placed weights' CPU copies (the image is
+    the one without a cap, and differs from the plain model's)."""
+    import numpy as np
+
+    from sana_core.demo import write_demo_models
+    write_demo_models(tmp_path / "models")
+    plain, _ = sana_run_image(tmp_path, "sana_1024_text_to_image.json", None)
+    with_lora, _ = sana_run_image(tmp_path, "sana_lora.json", None)
+    capped, _ = sana_run_image(tmp_path, "sana_lora.json", GiB)
+    assert not np.array_equal(with_lora, plain)
+    assert np.array_equal(capped, with_lora)
